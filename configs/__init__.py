@@ -1,0 +1,1 @@
+"""Hydra configs, shipped as package data so they are found from an editable install and a wheel."""

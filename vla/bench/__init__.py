@@ -1,0 +1,1 @@
+"""Benchmarks behind `vla bench NAME`: each prints one JSON object on stdout."""

@@ -1,0 +1,71 @@
+"""The `vla` command: ``vla SUBCOMMAND [hydra overrides ...]``.
+
+Each subcommand lives in ``vla.commands.<name>`` and exposes ``main(argv) -> int``; it is
+imported only when run, so ``vla --help`` stays fast and heavy dependencies load on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+SUBCOMMANDS: dict[str, str] = {
+    "collect": "collect demonstrations with scripted experts into a Zarr store",
+    "train": "train a policy from a Zarr store (one loop for every model variant)",
+    "eval": "closed-loop rollouts: per-task success, eval_info.json, videos, chart",
+    "plan": "decode the subtask plan for an instruction in a scene",
+    "serve": "serve a trained policy over websocket + msgpack",
+    "dataset": "inspect or verify a store: `vla dataset {info,verify} PATH [--repair]`",
+    "bench": "benchmarks printing JSON: `vla bench {dataloader,env,inference,train}`",
+}
+
+USAGE = "usage: vla SUBCOMMAND [ARGS | hydra overrides key=value ...]\n\nsubcommands:\n" + "\n".join(
+    f"  {name:<9} {text}" for name, text in SUBCOMMANDS.items()
+) + "\n\nRun `vla SUBCOMMAND --help` for the subcommand's options and config."
+
+
+def _set_runtime_defaults() -> None:
+    # Two processes sharing two cores crawl under OpenMP's default spin-wait (DESIGN.md §10).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Headless rendering: EGL works out of the box here; users may set osmesa instead.
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        import vla
+
+        print(vla.__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"vla: unknown subcommand '{name}'; expected one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    _set_runtime_defaults()
+    try:
+        module = importlib.import_module(f"vla.commands.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"vla.commands.{name}":
+            print(f"vla {name}: not built yet in this version", file=sys.stderr)
+            return 2
+        raise
+    try:
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"\nvla {name}: interrupted", file=sys.stderr)
+        return 130
+    except ValueError as e:
+        # Bad input (config, paths, data) reaches the user as one clear line, not a traceback.
+        if os.environ.get("VLA_DEBUG"):
+            raise
+        print(f"vla {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `vla` subcommand; each exposes ``main(argv: list[str]) -> int``."""

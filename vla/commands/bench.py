@@ -1,0 +1,33 @@
+"""`vla bench NAME [overrides]`: dispatch to ``vla.bench.<NAME>.main(argv)``; each prints JSON."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "dataloader": "samples/s through a torch DataLoader, from disk and from memory",
+    "env": "env steps/s with and without rendering, collection frames/s, expert success",
+    "inference": "action-chunk latency (cached vs uncached), FLOPs, fraction of matmul peak",
+    "train": "training samples/s and data-wait fraction",
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: vla bench NAME [key=value ...]\n\nbenchmarks:")
+        for name, text in BENCHMARKS.items():
+            print(f"  {name:<11} {text}")
+        return 0
+    name = argv[0]
+    if name not in BENCHMARKS:
+        print(f"vla bench: unknown benchmark '{name}'; expected one of {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(f"vla.bench.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"vla.bench.{name}":
+            print(f"vla bench {name}: not built yet in this version", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(argv[1:]) or 0)
