@@ -1,0 +1,60 @@
+"""The native tabletop suite: MuJoCo scenes with compositional, multi-step language tasks.
+
+A mocap-driven two-finger gripper, a table, coloured cubes and cylinders, a bowl, a plate and a
+cabinet with a drawer; ten task families from one-step ("open the drawer") to four-step ("put
+the red cube in the drawer": open, pick, place, close). Parts:
+
+- `scene`  — MJCF assembled from small XML-fragment functions,
+- `tasks`  — families, instruction templates, train/eval splits, plans, privileged layout,
+- `env`    — `TabletopEnv` (Gymnasium), success and partial-progress checks,
+- `expert` — `TabletopExpert`, scripted plan executor that emits subtask labels,
+- `measure`— expert success rates, env steps/s and pictures (``python -m vla.envs.tabletop.measure``).
+
+`FAMILY` registers the suite with `vla.envs.registry` as ``"tabletop"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vla.envs.tabletop.tasks import FAMILIES, list_tasks
+
+DEFAULT_CAMERAS: tuple[str, ...] = ("front", "wrist")
+
+
+def make_env(task: str, *, seed: int | None = None, cameras: tuple[str, ...] | list[str] = DEFAULT_CAMERAS,
+             image_size: int | tuple[int, int] = 96, instruction_split: str = "train",
+             max_episode_steps: int | None = None, **kwargs: Any):
+    """Build a `TabletopEnv` for one task family (see `list_tasks()`)."""
+    from vla.envs.tabletop.env import TabletopEnv
+
+    return TabletopEnv(task, seed=seed, cameras=cameras, image_size=image_size,
+                       instruction_split=instruction_split, max_episode_steps=max_episode_steps, **kwargs)
+
+
+def make_expert(task: str):
+    """The scripted expert for one task family: ``action, subtask = expert.act(obs, info)``."""
+    from vla.envs.tabletop.expert import TabletopExpert
+
+    return TabletopExpert(task)
+
+
+def max_episode_steps(task: str) -> int:
+    """Default episode length of a task family."""
+    from vla.envs.tabletop.tasks import get_family
+
+    return get_family(task).max_episode_steps
+
+
+def _family():
+    try:
+        from vla.envs.registry import EnvFamily
+    except ImportError:   # the registry is optional for using the suite directly
+        return None
+    return EnvFamily(name="tabletop", list_tasks=list_tasks, make_env=make_env, make_expert=make_expert,
+                     default_cameras=DEFAULT_CAMERAS, max_episode_steps=max_episode_steps)
+
+
+FAMILY = _family()
+
+__all__ = ["FAMILY", "FAMILIES", "DEFAULT_CAMERAS", "list_tasks", "make_env", "make_expert", "max_episode_steps"]
