@@ -16,9 +16,7 @@ user's own paraphrase); the goal itself always comes from the seed.
 
 from __future__ import annotations
 
-import atexit
 import math
-import weakref
 
 import gymnasium as gym
 import numpy as np
@@ -68,7 +66,6 @@ class TabletopEnv(gym.Env):
         self.data = mujoco.MjData(self.model)
         self._ids()
         self._obs_renderer = None      # one renderer for all observation cameras
-        self._exit_hook = False
         self._renderers: dict = {}     # (camera, (H, W)) -> CameraRenderer, made on first use
         self.action_names, self.state_names = ACTION_NAMES, STATE_NAMES
 
@@ -207,16 +204,7 @@ class TabletopEnv(gym.Env):
             from vla.envs.rendering import CameraRenderer
 
             self._renderers[key] = CameraRenderer(self.model, [camera], hw, rotate_cameras=())
-            self._close_at_exit()
         return self._renderers[key].render(self.data)[camera]
-
-    def _close_at_exit(self) -> None:
-        # Registered after mujoco's EGL module (imported by the first renderer), so it runs before EGL
-        # is torn down at interpreter exit; closing later prints EGL errors.
-        if not self._exit_hook:
-            ref = weakref.ref(self)
-            atexit.register(lambda: ref() is not None and ref().close())
-            self._exit_hook = True
 
     def gripper_state(self) -> np.ndarray:
         d = self.data
@@ -228,7 +216,6 @@ class TabletopEnv(gym.Env):
             from vla.envs.rendering import CameraRenderer
 
             self._obs_renderer = CameraRenderer(self.model, self.cameras, self.image_hw, rotate_cameras=())
-            self._close_at_exit()
         images = self._obs_renderer.render(self.data) if self.cameras else {}
         return {"images": images, "state": self.gripper_state()}
 

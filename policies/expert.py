@@ -1,0 +1,82 @@
+"""The scripted expert as a :class:`Policy`: the ceiling in evaluations and a sanity check.
+
+Wraps ``vla.envs.make_expert``. Experts are closed-loop controllers that read privileged
+simulator state (``info["privileged"]``), so unlike learned policies they need the env's info
+dict on every call: ``act(obs, instruction, info)``. The evaluation loop passes infos to every
+policy; learned policies ignore them. The subtask label the expert emits is exposed as
+``current_subtask`` so expert videos carry the same overlay as VLA videos.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import Chunk, Observation, Policy
+
+
+class ExpertPolicy(Policy):
+    """``ExpertPolicy("metaworld", "drawer-open-v3")``; ``task=None`` picks the expert from ``info["task"]``.
+
+    One expert instance per env slot (experts may keep per-episode state), created on demand.
+    """
+
+    name = "expert"
+
+    def __init__(self, family: str, task: str | None = None) -> None:
+        super().__init__(n_action_steps=1)
+        self.family = family
+        self.task = task
+        self._experts: dict[int, tuple[str, Any]] = {}  # slot -> (task, expert)
+        self._subtasks: dict[int, str] = {}
+        if task is not None:
+            self._make(task)  # fail early on an unknown family/task
+
+    def _make(self, task: str) -> Any:
+        from vla.envs import make_expert
+
+        return make_expert(self.family, task)
+
+    def _expert_for(self, slot: int, info: dict) -> Any:
+        task = self.task or info.get("task")
+        if not task:
+            raise ValueError(f"ExpertPolicy({self.family}): no task given and info has no 'task' (slot {slot})")
+        held = self._experts.get(slot)
+        if held is None or held[0] != task:
+            expert = self._make(task)
+            expert.reset()
+            held = (task, expert)
+            self._experts[slot] = held
+        return held[1]
+
+    def reset(self, env_index: int | None = None) -> None:
+        super().reset(env_index)
+        slots = list(self._experts) if env_index is None else [int(env_index)]
+        for s in slots:
+            if s in self._experts:
+                self._experts[s][1].reset()
+            self._subtasks.pop(s, None)
+
+    def predict_chunks(
+        self,
+        obs_list: list[Observation],
+        instructions: list[str],
+        infos: list[dict] | None = None,
+        env_indices: list[int] | None = None,
+        **_: Any,
+    ) -> list[Chunk]:
+        if infos is None or any(i is None for i in infos):
+            raise ValueError(
+                "ExpertPolicy needs the env info dicts (info['privileged']): call act(obs, instruction, info)"
+            )
+        env_indices = list(range(len(obs_list))) if env_indices is None else env_indices
+        chunks = []
+        for obs, info, slot in zip(obs_list, infos, env_indices):
+            action, subtask = self._expert_for(slot, info).act(obs, info)
+            self._subtasks[slot] = str(subtask)
+            chunks.append(Chunk(np.asarray(action, np.float32)[None], plan=[str(subtask)]))  # (1, A)
+        return chunks
+
+    def current_subtask(self, env_index: int = 0) -> str | None:
+        return self._subtasks.get(int(env_index))

@@ -1,0 +1,240 @@
+"""The trained VLA as a :class:`Policy`: raw env observations in, raw-unit action chunks out.
+
+What happens per model call (all inside the policy, never by the caller):
+
+1. the :class:`vla.processor.Processor` normalizes state, converts images and tokenizes the
+   instruction (``observation_batch``); with ``n_obs_steps > 1`` the policy keeps each env's last
+   observations (the first one repeated before the episode start, as in training windows) or takes
+   them already stacked (``images`` u8[T, H, W, 3], ``state`` f32[T, S]);
+2. ``VLA.sample`` runs the prefix once (KV cache), decodes the subtask plan greedily when it is
+   time to re-plan, otherwise feeds the env's last decoded plan back in as given, then integrates
+   ``num_flow_steps`` Euler steps from Gaussian noise for the action chunk (and the future frame
+   when the model has a frame head);
+3. the chunk is unnormalized back to env units; the base class queues ``n_action_steps`` of it
+   (or temporally ensembles overlapping chunks).
+
+Re-planning: the plan is re-decoded every ``replan_every`` env steps (default: every chunk). When
+one env of a batch is due, the whole batch is re-decoded (one model call instead of two; other
+envs just get a fresher plan). The plan text is exposed per env as ``current_plan(i)`` (remaining
+subtasks) and ``current_subtask(i)`` for video overlays and evaluation records.
+
+Reproducibility: noise comes from a ``torch.Generator`` seeded with ``seed`` (re-seeded by
+:meth:`reseed`), or, per call, from ``noise_seed``; the same checkpoint, seed and observations
+give the same actions locally and through ``vla serve``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import Chunk, Observation, Policy
+
+PLAN_SEPARATOR = "; "  # how the dataset joins the remaining subtasks into one plan string
+
+
+def split_plan(text: str) -> list[str]:
+    """``"reach the handle; pull the drawer"`` -> ``["reach the handle", "pull the drawer"]``."""
+    return [p.strip() for p in text.split(PLAN_SEPARATOR.strip()) if p.strip()]
+
+
+class VLAPolicy(Policy):
+    """A VLA model + processor behind the policy interface.
+
+    Build from a checkpoint with :meth:`from_checkpoint`, or directly from an in-memory model and
+    processor (tests, training-time evaluation).
+    """
+
+    name = "vla"
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        n_action_steps: int = 8,
+        replan_every: int | None = None,
+        temporal_ensemble: float | None = None,
+        num_flow_steps: int | None = 10,
+        seed: int | None = 0,
+        device: str | torch.device = "cpu",
+        use_cache: bool = True,
+        train_config: dict | None = None,
+    ) -> None:
+        cfg = model.cfg
+        if int(n_action_steps) > cfg.horizon:
+            raise ValueError(f"n_action_steps={n_action_steps} exceeds the model's horizon {cfg.horizon}")
+        super().__init__(n_action_steps, temporal_ensemble)
+        self.model = model.eval()
+        self.processor = processor
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.replan_every = int(replan_every) if replan_every else self.n_action_steps
+        if self.replan_every < 1:
+            raise ValueError(f"replan_every: expected >= 1 (env steps), got {replan_every}")
+        self.num_flow_steps = int(num_flow_steps or cfg.flow_steps)
+        self.use_cache = bool(use_cache)
+        self.train_config = dict(train_config or {})
+        self.n_obs_steps = int(cfg.n_obs_steps)
+        self.generator = torch.Generator(device="cpu")
+        self.reseed(seed)
+        self._plans: dict[int, torch.Tensor] = {}  # slot -> plan token ids (L,) incl. <plan>, no padding
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str = "cpu",
+        n_action_steps: int = 8,
+        replan_every: int | None = None,
+        temporal_ensemble: float | None = None,
+        num_flow_steps: int | None = 10,
+        seed: int | None = 0,
+        use_ema: bool = True,
+    ) -> VLAPolicy:
+        """Load a run dir, its checkpoints dir or a step folder (``vla.checkpoint.load_policy_bundle``)."""
+        from vla.checkpoint import load_policy_bundle
+
+        model, processor, config = load_policy_bundle(path, device=device, use_ema=use_ema)
+        return cls(model, processor, n_action_steps=n_action_steps, replan_every=replan_every,
+                   temporal_ensemble=temporal_ensemble, num_flow_steps=num_flow_steps, seed=seed, device=device,
+                   train_config=config.get("train") or {})
+
+    def reseed(self, seed: int | None) -> None:
+        """Restart the noise stream (``None``: a nondeterministic seed)."""
+        self.generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+
+    # ---- what the env must look like ------------------------------------------------------------
+    @property
+    def cameras(self) -> dict[str, tuple[int, int]]:
+        h, w = self.cfg.image_hw
+        return {cam: (h, w) for cam in self.cfg.cameras}
+
+    def env_kwargs(self) -> dict[str, Any]:
+        """``make_env`` keyword arguments that build the env this model was trained on."""
+        h, w = self.cfg.image_hw
+        if h != w:
+            raise ValueError(f"model images are {h}x{w}; envs render square images (image_size)")
+        return {"cameras": tuple(self.cfg.cameras), "image_size": int(h)}
+
+    def metadata(self) -> dict[str, Any]:
+        """What a client must know to build requests (sent first by ``vla serve``)."""
+        h, w = self.cfg.image_hw
+        return {
+            "cameras": {cam: [h, w] for cam in self.cfg.cameras},
+            "image_size": h if h == w else [h, w],
+            "state_dim": int(self.cfg.state_dim),
+            "action_dim": int(self.cfg.action_dim),
+            "horizon": int(self.cfg.horizon),
+            "n_obs_steps": int(self.cfg.n_obs_steps),
+            "n_action_steps": self.n_action_steps,
+            "replan_every": self.replan_every,
+            "has_planner": bool(self.cfg.planner),
+            "has_frame_head": self.cfg.frame != "off",
+            "model_config": self.cfg.to_dict(),
+        }
+
+    # ---- state ----------------------------------------------------------------------------------
+    def reset(self, env_index: int | None = None) -> None:
+        super().reset(env_index)
+        if env_index is None:
+            self._plans.clear()
+        else:
+            self._plans.pop(int(env_index), None)
+
+    def _check_obs(self, obs: Observation, where: str) -> None:
+        if not isinstance(obs, dict) or "images" not in obs or "state" not in obs:
+            raise ValueError(f"{where}: expected an observation {{'images': {{cam: u8[H, W, 3]}}, 'state': f32[S]}}")
+        h, w = self.cfg.image_hw
+        stacked = self.n_obs_steps > 1 and np.ndim(obs["state"]) == 2  # history already stacked by the caller
+        lead = (self.n_obs_steps,) if stacked else ()
+        for cam in self.cfg.cameras:
+            img = obs["images"].get(cam)
+            if img is None:
+                raise ValueError(f"{where}: missing camera '{cam}' (model cameras {self.cfg.cameras}, "
+                                 f"got {sorted(obs['images'])})")
+            if np.shape(img) != (*lead, h, w, 3):
+                raise ValueError(f"{where}: images['{cam}'] expected {[*lead, h, w, 3]}, got {list(np.shape(img))}")
+        if np.shape(obs["state"]) != (*lead, self.cfg.state_dim):
+            raise ValueError(f"{where}: state expected {[*lead, self.cfg.state_dim]}, "
+                             f"got {list(np.shape(obs['state']))}")
+
+    # ---- inference ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict_chunks(
+        self,
+        obs_list: list[Observation],
+        instructions: list[str],
+        infos: list[dict] | None = None,
+        env_indices: list[int] | None = None,
+        decode_plan: bool | None = None,
+        noise_seed: int | None = None,
+    ) -> list[Chunk]:
+        """One chunk per observation, in one batched model call.
+
+        ``decode_plan``: ``None`` re-decodes when an env's plan is older than ``replan_every`` steps
+        (or missing); ``True``/``False`` force it (``False`` reuses each env's last plan, decoding
+        only for envs that have none).
+        """
+        n = len(obs_list)
+        env_indices = list(range(n)) if env_indices is None else [int(i) for i in env_indices]
+        for k, obs in enumerate(obs_list):
+            self._check_obs(obs, f"observation {k} (env {env_indices[k]})")
+        cfg = self.cfg
+        slots = [self.slot(i) for i in env_indices]
+        have_plan = [i in self._plans for i in env_indices]
+        if decode_plan is None:
+            replan = any(not hp or s.steps - s.plan_step >= self.replan_every for hp, s in zip(have_plan, slots))
+        else:
+            replan = bool(decode_plan) or not all(have_plan)
+        model_obs = [self.stacked_observation(i, o) for i, o in zip(env_indices, obs_list)]
+        batch = dict(self.processor.observation_batch(model_obs, list(instructions), self.device))
+        if cfg.planner and not replan:
+            batch["plan_tokens"], batch["plan_mask"] = self._stored_plans(env_indices)
+        gen = self.generator if noise_seed is None else torch.Generator().manual_seed(int(noise_seed))
+        noise = torch.randn(n, cfg.horizon, cfg.action_dim, generator=gen).to(self.device)  # (N, H, A)
+        frame_noise = None
+        if cfg.frame != "off":
+            s = cfg.frame_size
+            frame_noise = torch.randn(n, 3, s, s, generator=gen).to(self.device)  # (N, 3, s, s)
+        out = self.model.sample(batch, noise=noise, decode_plan=replan, use_cache=self.use_cache,
+                                num_steps=self.num_flow_steps, frame_noise=frame_noise)
+        actions = self.processor.unnormalize_actions(out["actions"])  # (N, H, A) raw units
+        actions = actions.detach().float().cpu().numpy() if isinstance(actions, torch.Tensor) else np.asarray(actions)
+        frames = None
+        if out.get("frame") is not None:
+            f = ((out["frame"].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, 3, s, s)
+            frames = f.permute(0, 2, 3, 1).cpu().numpy()  # (N, s, s, 3)
+        chunks = []
+        for k, (i, s) in enumerate(zip(env_indices, slots)):
+            plan = None
+            if cfg.planner and out.get("plan_tokens") is not None:
+                if replan:
+                    self._plans[i] = self._trim_plan(out["plan_tokens"][k])
+                    s.plan_step = s.steps
+                plan = split_plan(out["plan_text"][k])
+            chunks.append(Chunk(actions[k], plan=plan, frame=None if frames is None else frames[k]))
+        return chunks
+
+    def _trim_plan(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A decoded plan row (L,) without the padding after its <eos> (kept: <plan> ... <eos>)."""
+        tokens = tokens.detach().cpu()
+        eos = (tokens == self.model.tok.eos_id).nonzero()
+        if len(eos):
+            return tokens[: int(eos[0, 0]) + 1]
+        return tokens[tokens != self.model.tok.pad_id]
+
+    def _stored_plans(self, env_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The envs' last decoded plans, right-padded: ids i64[N, L] and mask bool[N, L]."""
+        rows = [self._plans[i] for i in env_indices]
+        length = max(len(r) for r in rows)
+        pad = self.model.tok.pad_id
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)  # (N, L)
+        mask = torch.zeros((len(rows), length), dtype=torch.bool)  # (N, L)
+        for k, r in enumerate(rows):
+            ids[k, : len(r)] = r
+            mask[k, : len(r)] = True
+        return ids.to(self.device), mask.to(self.device)

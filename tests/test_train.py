@@ -1,0 +1,184 @@
+"""`vla train`: the debug config end to end, checkpoints, load_policy_bundle, clear errors, overfitting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from train_utils import make_store, train_cfg
+
+from vla import checkpoint as ckpt
+from vla.cli import main as cli_main
+from vla.train import Trainer, train
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("data") / "store.zarr")
+
+
+def _metrics(run_dir, split="train"):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+def test_debug_trains_two_steps_checkpoints_and_resumes(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [f"dataset.path={store}", f"run_dir={run}", "trainer=debug", "device=cpu", "model.d_model=32",
+            "model.n_layers=1", "model.n_heads=2", "model.head_dim=16", "model.horizon=4",
+            "model.max_instruction_tokens=12", "model.max_plan_tokens=12"]
+    assert cli_main(["train", *args]) == 0
+    assert f"run dir: {run}" in capsys.readouterr().out
+    step_dir = run / "checkpoints" / "step_0000002"
+    assert sorted(p.name for p in step_dir.iterdir()) == sorted(ckpt.FILES)
+    assert (run / "checkpoints" / "last").read_text().strip() == "step_0000002"
+    assert (run / "config.yaml").is_file() and list((run / "tb").glob("events.out.tfevents.*"))
+    log = (run / "train.log").read_text()
+    for key in ("loss=", "plan_loss=", "action_loss=", "lr=", "grad_norm=", "samples_per_s=", "data_wait_frac="):
+        assert key in log
+    cfg = ckpt.read_config(step_dir)
+    assert cfg["step"] == 2 and cfg["model"]["action_dim"] == 3 and cfg["model"]["state_dim"] == 2
+    assert cfg["model"]["cameras"] == ["cam0"] and cfg["train"]["trainer"]["steps"] == 2
+    st = ckpt.load_trainer_state(step_dir)
+    assert st["step"] == 2 and st["data"]["position"] == 2 and set(st["rng"][0]) >= {"python", "numpy", "torch"}
+    assert len(st["optimizer"]["param_groups"]) == 2  # decay / no decay
+
+    # Resume: continue the same run to step 4 (logs append, checkpoints continue).
+    assert cli_main(["train", *[a for a in args if not a.startswith("run_dir")], f"resume={run}",
+                     "trainer.steps=4"]) == 0
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4]
+    assert ckpt.resolve_checkpoint(run).name == "step_0000004"
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_0000002", "step_0000004"]
+
+
+def test_load_policy_bundle_matches_the_trained_model(store, tmp_path):
+    from vla.datasets import collate_windows
+
+    cfg = train_cfg(store, tmp_path / "run", "trainer.steps=3", "trainer.ckpt_every=3", "trainer.ema_decay=0.5",
+                    "dataset.val_episodes=1")
+    from vla import distributed as dist_utils
+
+    trainer = Trainer(cfg, dist_utils.init("cpu"))
+    trainer.run(tmp_path / "run")
+    raw = collate_windows(trainer.dataset.__getitems__([0, 5, 9]))
+    batch = trainer.processor.training_batch(raw, "cpu")
+    noise = torch.randn(3, 4, 3)
+    live = trainer.raw_model.eval()
+    for path, use_ema in ((tmp_path / "run", False), (tmp_path / "run" / "checkpoints", True),
+                          (tmp_path / "run" / "checkpoints" / "step_0000003", True)):
+        model, proc, conf = ckpt.load_policy_bundle(path, device="cpu", use_ema=use_ema)
+        assert conf["step"] == 3 and not model.training
+        b2 = proc.training_batch(raw, "cpu")
+        assert all(torch.equal(batch[k], b2[k]) for k in batch)  # same normalizer and tokenizer
+        with trainer.ema.swapped_into(trainer.model) if use_ema else torch.no_grad():
+            want = live.sample(batch, noise=noise, decode_plan=True)
+        got = model.sample(b2, noise=noise, decode_plan=True)
+        assert torch.allclose(want["actions"], got["actions"], atol=1e-6)
+        assert want["plan_text"] == got["plan_text"]
+    assert len(trainer.dataset) == 24 and len(trainer.val_dataset) == 12  # the last episode is held out
+    val = _metrics(tmp_path / "run", "val")
+    assert [r["step"] for r in val] == [3] and val[0]["loss"] > 0
+    # EMA and live weights differ after training with a decaying EMA.
+    ema_w = ckpt.load_tensors(tmp_path / "run" / "checkpoints" / "step_0000003" / "ema.safetensors")
+    live_w = ckpt.load_tensors(tmp_path / "run" / "checkpoints" / "step_0000003" / "model.safetensors")
+    assert any(not torch.equal(ema_w[k], live_w[k]) for k in live_w)
+
+
+def test_training_loss_drops_on_a_tiny_store(store, tmp_path):
+    run = tmp_path / "run"
+    train(train_cfg(store, run, "trainer.steps=80", "trainer.batch_size=12", "trainer.lr=3e-3",
+                    "trainer.warmup_steps=5", "trainer.min_lr=3e-4", "trainer.log_every=1", "trainer.ckpt_every=0",
+                    "trainer.augment.enabled=false"))
+    m = _metrics(run)
+    assert len(m) == 80
+
+    def avg(key, rows):
+        return sum(r[key] for r in rows) / len(rows)
+
+    first, last = m[:5], m[-5:]
+    assert avg("loss", last) < 0.5 * avg("loss", first)
+    assert avg("action_loss", last) < 0.75 * avg("action_loss", first)  # flow loss keeps the noise variance
+    assert avg("plan_loss", last) < 0.5 * avg("plan_loss", first)
+
+
+# ------------------------------------------------------------------------------ errors before step 1
+
+
+def _error(cfg) -> str:
+    with pytest.raises(ValueError) as e:
+        train(cfg)
+    return str(e.value)
+
+
+def test_missing_store_is_named(tmp_path):
+    msg = _error(train_cfg(tmp_path / "nope.zarr", tmp_path / "run"))
+    assert "store not found" in msg and "nope.zarr" in msg
+    bad = tmp_path / "bad.zarr"
+    bad.mkdir()
+    (bad / "junk.txt").write_text("x")
+    msg = _error(train_cfg(bad, tmp_path / "run"))
+    assert "bad.zarr" in msg
+    assert not (tmp_path / "run").exists()  # nothing written before the checks pass
+
+
+def test_missing_dataset_path_is_clear(tmp_path, capsys):
+    assert cli_main(["train", "trainer=debug", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "dataset.path is required" in capsys.readouterr().err
+
+
+def test_empty_selection_and_big_batch_are_refused(store, tmp_path):
+    msg = _error(train_cfg(store, tmp_path / "run", "dataset.tasks=[fly]"))
+    assert "dataset.tasks=['fly']" in msg and "reach" in msg and "push" in msg
+    msg = _error(train_cfg(store, tmp_path / "run", "trainer.batch_size=1000"))
+    assert "batch_size=1000" in msg and "36 windows" in msg
+
+
+def test_dimension_and_config_mismatch_name_both_sides(store, tmp_path):
+    run = tmp_path / "run"
+    train(train_cfg(store, run))
+    other = make_store(tmp_path / "other.zarr", action_dim=5)
+    msg = _error(train_cfg(other, tmp_path / "run2", f"init_from={run}"))
+    assert "action_dim: store/config 5 vs checkpoint 3" in msg
+    msg = _error(train_cfg(other, tmp_path / "run3", f"resume={run}", "trainer.steps=4"))
+    assert "different model config" in msg and "action_dim: config 5 vs checkpoint 3" in msg
+    msg = _error(train_cfg(store, tmp_path / "run4", f"resume={run}", "trainer.steps=4", "model.d_model=64"))
+    assert "d_model: config 64 vs checkpoint 32" in msg
+    msg = _error(train_cfg(store, tmp_path / "run5", f"resume={run}", "trainer.steps=4", "trainer.lr=1.0"))
+    assert "different training config" in msg and "trainer.lr" in msg
+    msg = _error(train_cfg(store, tmp_path / "run6", f"resume={run}"))
+    assert "at step 2" in msg and "raise trainer.steps" in msg
+
+
+def test_init_from_loads_weights(store, tmp_path):
+    run = tmp_path / "run"
+    train(train_cfg(store, run, "trainer.steps=1", "trainer.ckpt_every=1"))
+    from vla import distributed as dist_utils
+
+    t = Trainer(train_cfg(store, tmp_path / "run2", f"init_from={run}"), dist_utils.init("cpu"))
+    ema = ckpt.load_tensors(run / "checkpoints" / "step_0000001" / "ema.safetensors")
+    sd = t.raw_model.state_dict()
+    assert all(torch.equal(sd[k], ema[k]) for k in ema) and t.step == 0
+
+
+def test_periodic_closed_loop_eval_is_wired(store, tmp_path, monkeypatch):
+    from vla.policies import VLAPolicy
+
+    import vla.evaluation
+
+    calls = []
+
+    def fake_run_evaluation(policy, family, tasks, episodes_per_task, **kw):
+        calls.append((type(policy), family, list(tasks), episodes_per_task, kw["env_kwargs"]))
+        return {"overall": {"success_rate": 0.25}, "per_task": {t: {"success_rate": 0.25} for t in tasks}}
+
+    monkeypatch.setattr(vla.evaluation, "run_evaluation", fake_run_evaluation)
+    monkeypatch.setattr(vla.evaluation, "write_outputs", lambda result, out_dir, chart_title=None: {})
+    run = tmp_path / "run"
+    train(train_cfg(store, run, "trainer.steps=4", "trainer.ckpt_every=0", "eval.every=2", "eval.env=metaworld",
+                    "eval.episodes=3"))
+    assert calls == [(VLAPolicy, "metaworld", ["reach", "push"], 3, {"cameras": ("cam0",), "image_size": 16})] * 2
+    evals = _metrics(run, "eval")
+    assert [r["step"] for r in evals] == [2, 4] and evals[0]["success_rate"] == 0.25
+    assert evals[0]["success_rate/push"] == 0.25
+    msg = _error(train_cfg(store, tmp_path / "run2", "eval.every=2"))
+    assert "eval.every=2 needs eval.env" in msg

@@ -1,0 +1,213 @@
+"""`vla bench inference [key=value ...]`: action-chunk latency, FLOPs and fraction of matmul peak, as JSON.
+
+    vla bench inference                                  # presets tiny,small on the CPU, batch 1, fp32
+    vla bench inference presets=[tiny] repeats=5 cameras=2
+    vla bench inference presets=[small,base] device=cuda dtype=bf16
+
+For each preset (random weights; one or more ``image_size`` cameras, state 4, action 4) it times
+`VLA.sample` at batch ``batch``:
+
+* ``cached``: the prefix is encoded once into a KV cache, the plan decoded greedily against it, and
+  each of the 10 Euler steps runs only the action block; ``uncached`` recomputes the whole sequence
+  for every plan token and every flow step (reported for the action phase, with a given plan).
+* ``plan_s`` (greedy decoding; random weights rarely emit <eos>, so this decodes up to the cap:
+  ``plan_tokens`` says how many) is reported apart from ``actions_s`` (state token + Euler steps)
+  and ``prefix_s``.
+* ``flops_per_chunk`` is counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
+  attention) for the cached chunk with a given plan of ``plan_len`` tokens; ``achieved_frac_of_peak``
+  divides the achieved FLOP/s by the matmul peak measured in the same run (square fp32 matmuls,
+  or bf16 when ``dtype=bf16``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "presets": ["tiny", "small"],
+    "device": "cpu",
+    "dtype": "fp32",
+    "batch": 1,
+    "cameras": 1,
+    "image_size": 64,
+    "repeats": 5,
+    "plan_len": 24,
+    "peak_sizes": [1024, 2048],
+    "threads": 0,
+}
+
+
+def parse_args(argv: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; lists as ``[a,b]`` or ``a,b``."""
+    args = dict(DEFAULTS)
+    for a in argv:
+        if "=" not in a:
+            raise ValueError(f"vla bench inference: expected key=value, got '{a}' (keys: {sorted(DEFAULTS)})")
+        k, v = a.split("=", 1)
+        if k not in DEFAULTS:
+            raise ValueError(f"vla bench inference: unknown key '{k}'; expected one of {sorted(DEFAULTS)}")
+        if isinstance(DEFAULTS[k], list):
+            items = [x.strip() for x in v.strip("[]").split(",") if x.strip()]
+            args[k] = [int(x) for x in items] if k == "peak_sizes" else items
+        elif isinstance(DEFAULTS[k], int):
+            try:
+                args[k] = int(v)
+            except ValueError:
+                raise ValueError(f"vla bench inference: {k} must be an int, got '{v}'") from None
+        else:
+            args[k] = v
+    if args["dtype"] not in ("fp32", "bf16"):
+        raise ValueError(f"vla bench inference: dtype must be fp32 or bf16, got '{args['dtype']}'")
+    return args
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(sizes: list[int], device, dtype) -> dict[str, float]:
+    """Best-of-several GFLOP/s of an n x n matmul for each n."""
+    import torch
+
+    out = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        _sync(device)
+        best = float("inf")
+        reps = 3 if device.type == "cpu" else 20
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - t)
+        out[str(n)] = 2 * n**3 / best / 1e9
+    return out
+
+
+def _count_flops(fn) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:  # the CPU attention kernel has no formula of its own (torch 2.13)
+        try:
+            @register_flop_formula(op)
+            def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+                return sdpa_flop_count(query_shape, key_shape, value_shape)
+        except (RuntimeError, ValueError):
+            pass  # already registered
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float) -> dict[str, Any]:
+    import torch
+    from omegaconf import OmegaConf
+
+    from vla.config import compose
+    from vla.model import VLA, VLAConfig
+    from vla.tokenizer import ByteTokenizer
+
+    mcfg = OmegaConf.to_container(compose("train", [f"model={name}", "dataset.path=unused"]).model)
+    mcfg = {k: v for k, v in mcfg.items() if k not in ("preset", "name")}
+    size = int(args["image_size"])
+    cfg = VLAConfig.from_dict(mcfg, cameras=[f"cam{i}" for i in range(int(args["cameras"]))], image_size=size,
+                              state_dim=4, action_dim=4)
+    torch.manual_seed(0)
+    model = VLA(cfg).to(device).eval()
+    b = int(args["batch"])
+    tok = ByteTokenizer(cfg.action_bins)
+    g = torch.Generator().manual_seed(0)
+    it, im = tok.batch_encode(["open the top drawer and put the red block inside"] * b, cfg.max_instruction_tokens)
+    plan_text = "reach the handle; pull the drawer; grasp the block; place it in the drawer"
+    plan_text = plan_text[: int(args["plan_len"]) - 2]
+    pt, pm = tok.batch_encode([plan_text] * b, cfg.max_plan_tokens, eos=True, first=tok.plan_id)
+    batch = {"images": (torch.rand(b, cfg.num_views, 3, size, size, generator=g) * 2 - 1).to(device),
+             "state": torch.randn(b, cfg.state_dim, generator=g).to(device),
+             "instruction_tokens": it.to(device), "instruction_mask": im.to(device)}
+    with_plan = dict(batch, plan_tokens=pt.to(device), plan_mask=pm.to(device)) if cfg.planner else batch
+    noise = torch.randn(b, cfg.horizon, cfg.action_dim, generator=g).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args["dtype"] == "bf16")
+
+    def run(inputs: dict, use_cache: bool, decode: bool) -> tuple[float, dict[str, float], Any]:
+        timings: dict[str, float] = {}
+        _sync(device)
+        t = time.perf_counter()
+        with autocast:
+            out = model.sample(inputs, noise=noise, use_cache=use_cache, decode_plan=decode, timings=timings)
+        _sync(device)
+        return time.perf_counter() - t, timings, out
+
+    def median_of(inputs: dict, use_cache: bool, decode: bool) -> dict[str, Any]:
+        run(inputs, use_cache, decode)  # warm-up
+        runs = [run(inputs, use_cache, decode) for _ in range(int(args["repeats"]))]
+        res = {"total_s": statistics.median(r[0] for r in runs)}
+        for key in runs[0][1]:
+            res[key] = statistics.median(r[1][key] for r in runs)
+        return res
+
+    n_params = sum(p.numel() for p in model.parameters())
+    n_prefix = cfg.num_views * (size // cfg.patch_size) ** 2 + int(im.sum(1).max())
+    cached = median_of(with_plan, True, False)
+    uncached = median_of(with_plan, False, False)
+    with autocast:
+        flops_cached = _count_flops(lambda: model.sample(with_plan, noise=noise, use_cache=True))
+        flops_uncached = _count_flops(lambda: model.sample(with_plan, noise=noise, use_cache=False))
+    result: dict[str, Any] = {
+        "params": n_params,
+        "prefix_tokens": n_prefix,
+        "plan_tokens_given": int(pm.sum(1).max()) if cfg.planner else 0,
+        "action_tokens": 1 + cfg.horizon,
+        "chunk_latency_s": {"cached": cached["total_s"], "uncached": uncached["total_s"]},
+        "phases_cached_s": {k: v for k, v in cached.items() if k != "total_s"},
+        "phases_uncached_s": {k: v for k, v in uncached.items() if k != "total_s"},
+        "speedup_cached": uncached["total_s"] / cached["total_s"],
+        "flops_per_chunk": {"cached": flops_cached, "uncached": flops_uncached},
+        "achieved_gflops_cached": flops_cached / cached["total_s"] / 1e9,
+        "achieved_frac_of_peak_cached": flops_cached / cached["total_s"] / 1e9 / peak_gflops,
+    }
+    if cfg.planner:
+        decoded = median_of(batch, True, True)
+        _, _, out = run(batch, True, True)
+        result["plan_decode"] = {"plan_s": decoded["plan_s"], "plan_tokens": int(out["plan_tokens"].shape[1]),
+                                 "s_per_token": decoded["plan_s"] / out["plan_tokens"].shape[1],
+                                 "total_with_plan_s": decoded["total_s"]}
+    return result
+
+
+def main(argv: list[str]) -> int:
+    import os
+
+    import torch
+
+    args = parse_args(argv)
+    if args["threads"]:
+        torch.set_num_threads(int(args["threads"]))
+    device = torch.device(args["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("vla bench inference: device=cuda but CUDA is not available")
+    dtype = torch.bfloat16 if args["dtype"] == "bf16" else torch.float32
+    peaks = matmul_peak(list(args["peak_sizes"]), device, dtype)
+    peak = max(peaks.values())
+    report: dict[str, Any] = {
+        "benchmark": "inference",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "dtype": args["dtype"], "batch": args["batch"], "cameras": args["cameras"], "image_size": args["image_size"],
+        "torch": torch.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "matmul_peak_gflops": peaks,
+        "presets": {},
+    }
+    for name in args["presets"]:
+        report["presets"][name] = bench_preset(name, args, device, peak)
+    print(json.dumps(report, indent=1))
+    return 0

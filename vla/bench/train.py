@@ -1,0 +1,161 @@
+"""`vla bench train [key=value ...]`: training samples/s and data-wait fraction, printed as JSON.
+
+    vla bench train                                   # tiny,small on CPU (small,base on CUDA); batch 32; 1 camera
+    vla bench train presets=[tiny] steps=20 cameras=2 workers=[0,1]
+    vla bench train presets=[small,base] device=cuda  # the CUDA path: bf16 autocast (trainer.bf16=auto)
+
+Builds a synthetic in-memory store (random images, smooth actions) in a temp dir, sets up the
+real ``vla.train.Trainer`` (same data path, augmentation, optimizer, EMA as `vla train`) and times
+``steps`` optimizer steps after ``warmup`` untimed ones. ``data_wait_frac`` is the share of wall
+time spent waiting for the DataLoader.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "presets": [],  # default: tiny,small on CPU; small,base on CUDA
+    "batch_size": 32,
+    "steps": 10,
+    "warmup": 2,
+    "cameras": 1,
+    "image_size": 64,
+    "episodes": 8,
+    "episode_len": 60,
+    "workers": [0],
+    "device": "auto",
+    "bf16": "auto",
+    "planner": "on",
+}
+
+
+def parse_args(argv: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; lists as ``[a,b]`` or ``a,b``; ints where they parse."""
+    args = dict(DEFAULTS)
+    for a in argv:
+        if "=" not in a:
+            raise ValueError(f"vla bench train: expected key=value, got '{a}' (keys: {sorted(DEFAULTS)})")
+        k, v = a.split("=", 1)
+        if k not in DEFAULTS:
+            raise ValueError(f"vla bench train: unknown key '{k}'; expected one of {sorted(DEFAULTS)}")
+        if isinstance(DEFAULTS[k], list):
+            items = [x.strip() for x in v.strip("[]").split(",") if x.strip()]
+            args[k] = [int(x) for x in items] if k == "workers" else items
+        elif isinstance(DEFAULTS[k], int):
+            args[k] = int(v)
+        else:
+            args[k] = v
+    return args
+
+
+def make_synthetic_store(path: Path, episodes: int, length: int, cameras: int, image_size: int,
+                         action_dim: int = 4, state_dim: int = 4, seed: int = 0) -> Path:
+    """A store of random-but-smooth episodes with subtask labels (benchmarks and tests)."""
+    import numpy as np
+
+    from vla.datasets import EpisodeWriter
+
+    rng = np.random.default_rng(seed)
+    cams = {f"cam{i}": (image_size, image_size) for i in range(cameras)}
+    w = EpisodeWriter(path, env="synthetic", fps=10, cameras=cams, action_dim=action_dim, state_dim=state_dim)
+    try:
+        for e in range(episodes):
+            t = np.linspace(0, 1, length, dtype=np.float32)[:, None]  # (T, 1)
+            phase = rng.uniform(0, 2 * np.pi, size=(1, action_dim)).astype(np.float32)
+            action = np.sin(2 * np.pi * t + phase).astype(np.float32)  # (T, A)
+            state = np.cumsum(action[:, :state_dim], axis=0).astype(np.float32) / length  # (T, S)
+            images = {c: rng.integers(0, 256, size=(length, image_size, image_size, 3), dtype=np.uint8) for c in cams}
+            half = length // 2
+            subtasks = ["reach the handle"] * half + ["pull the drawer"] * (length - half)
+            w.add_episode(action=action, state=state, images=images, subtasks=subtasks,
+                          instruction=f"open the drawer {e % 3}", task=f"task-{e % 2}", seed=e)
+    finally:
+        w.close()
+    return path
+
+
+def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp: Path) -> dict[str, Any]:
+    import torch
+
+    from vla import distributed as dist_utils
+    from vla.config import compose
+    from vla.train import Trainer
+
+    steps, warmup = int(args["steps"]), int(args["warmup"])
+    cfg = compose("train", [
+        f"model={preset}", f"planner={args['planner']}", f"dataset.path={store}",
+        f"trainer.batch_size={args['batch_size']}", f"trainer.steps={steps + warmup}",
+        f"trainer.num_workers={workers}", f"trainer.bf16={args['bf16']}", "trainer.progress=false",
+        f"device={args['device']}", f"run_dir={tmp / preset}",
+    ])
+    info = dist_utils.init(str(cfg.device))
+    trainer = Trainer(cfg, info)
+    it = iter(trainer.loader())
+    for _ in range(warmup):
+        trainer.train_step(next(it))
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    sync()
+    wait = 0.0
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        t1 = time.perf_counter()
+        raw = next(it)
+        wait += time.perf_counter() - t1
+        losses.append(trainer.train_step(raw)["loss"])
+    sync()
+    wall = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in trainer.raw_model.parameters())
+    return {
+        "preset": preset,
+        "params": n_params,
+        "num_workers": workers,
+        "device": str(trainer.device),
+        "bf16": trainer.bf16,
+        "torch_threads": torch.get_num_threads(),
+        "samples_per_s": args["batch_size"] * steps / wall,
+        "step_ms": 1000 * wall / steps,
+        "data_wait_frac": wait / wall,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+
+
+def main(argv: list[str]) -> int:
+    import platform
+
+    import torch
+
+    args = parse_args(argv)
+    if not args["presets"]:
+        cuda = torch.cuda.is_available() and args["device"] in ("auto", "cuda")
+        args["presets"] = ["small", "base"] if cuda else ["tiny", "small"]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="vla_bench_train_") as d:
+        tmp = Path(d)
+        store = make_synthetic_store(tmp / "store.zarr", int(args["episodes"]), int(args["episode_len"]),
+                                     int(args["cameras"]), int(args["image_size"]))
+        for preset in args["presets"]:
+            for workers in args["workers"]:
+                print(f"bench train: {preset} workers={workers} ...", file=sys.stderr)
+                results.append(bench_one(store, preset, args, int(workers), tmp))
+    out = {
+        "benchmark": "train",
+        "store": {"synthetic": True, "cameras": int(args["cameras"]), "image_size": int(args["image_size"]),
+                  "episodes": int(args["episodes"]), "episode_len": int(args["episode_len"]), "in_memory": True},
+        "batch_size": int(args["batch_size"]),
+        "timed_steps": int(args["steps"]),
+        "warmup_steps": int(args["warmup"]),
+        "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
+                    "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                    else None},
+        "results": results,
+    }
+    print(json.dumps(out, indent=2))
+    return 0

@@ -1,0 +1,135 @@
+"""`vla eval`: closed-loop evaluation of a checkpoint (or of the scripted experts) in simulation.
+
+    vla eval checkpoint=RUN_DIR tasks=[drawer-open-v3] episodes=50 n_envs=4
+    vla eval policy=expert env=metaworld tasks=[drawer-open-v3] episodes=20 env.cameras=[corner]
+
+Writes ``eval_info.json``, ``success.png`` and ``videos/*.mp4`` into the run dir and prints a table.
+A checkpoint brings its cameras and image size (the env is built to match what the model was
+trained on) and, when not given, the env family and tasks it was trained for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+def _store_info(path: str | None) -> tuple[str | None, list[str]]:
+    """Env family and tasks of the Zarr store a checkpoint was trained on, if it is still there."""
+    if not path:
+        return None, []
+    from pathlib import Path
+
+    if not Path(path).exists():
+        return None, []
+    try:
+        from vla.datasets import EpisodeStore
+
+        store = EpisodeStore(path)
+        return store.env, list(dict.fromkeys(store.episode_tasks))
+    except Exception:  # a moved or foreign store only costs us the defaults
+        return None, []
+
+
+def checkpoint_env_and_tasks(train_cfg: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """The env family and tasks a checkpoint was trained for: train ``eval.*``, ``dataset.tasks``, the store."""
+    ev = train_cfg.get("eval") or {}
+    ds = train_cfg.get("dataset") or {}
+    env = ev.get("env")
+    tasks = list(ev.get("tasks") or []) or list(ds.get("tasks") or [])
+    if not env or not tasks:
+        store_env, store_tasks = _store_info(ds.get("path"))
+        env = env or store_env
+        tasks = tasks or store_tasks
+    return env, tasks
+
+
+def build_policy(cfg: Any) -> tuple[Any, str, list[str], dict[str, Any]]:
+    """(policy, env family, tasks, make_env kwargs) from an eval/plan config."""
+    raw_tasks = cfg.get("tasks") or []
+    tasks = [str(raw_tasks)] if isinstance(raw_tasks, str) else [str(t) for t in raw_tasks]  # tasks=one-task ok
+    env_group = cfg.get("env")  # configs/env/<family>.yaml, or None
+    env = str(env_group.family) if env_group else None
+    env_kwargs: dict[str, Any] = {}
+    if env_group and env_group.get("max_episode_steps"):
+        env_kwargs["max_episode_steps"] = int(env_group.max_episode_steps)
+    if cfg.policy == "expert":
+        if not env or not tasks:
+            raise ValueError("policy=expert needs env=FAMILY and tasks=[...] (no checkpoint to take them from)")
+        from vla.policies import ExpertPolicy
+
+        if env_group.get("cameras"):
+            env_kwargs["cameras"] = tuple(env_group.cameras)
+        if env_group.get("image_size"):
+            env_kwargs["image_size"] = int(env_group.image_size)
+        return ExpertPolicy(env), env, tasks, env_kwargs
+    if cfg.policy != "vla":
+        raise ValueError(f"policy: expected 'vla' or 'expert', got {cfg.policy!r}")
+    if not cfg.get("checkpoint"):
+        raise ValueError("policy=vla needs checkpoint=PATH (a run dir, its checkpoints dir or a step folder)")
+    from vla.policies import VLAPolicy
+
+    policy = VLAPolicy.from_checkpoint(
+        cfg.checkpoint,
+        device=cfg.device,
+        n_action_steps=cfg.n_action_steps,
+        replan_every=cfg.replan_every,
+        temporal_ensemble=cfg.temporal_ensemble,
+        num_flow_steps=cfg.num_flow_steps,
+        seed=cfg.seed,
+        use_ema=cfg.use_ema,
+    )
+    ck_env, ck_tasks = checkpoint_env_and_tasks(policy.train_config)
+    env = env or ck_env
+    tasks = tasks or ck_tasks
+    if not env or not tasks:
+        raise ValueError(
+            f"checkpoint {cfg.checkpoint} does not say which env/tasks it was trained on; pass env=FAMILY tasks=[...]"
+        )
+    return policy, env, tasks, {**env_kwargs, **policy.env_kwargs()}
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        from vla.config import compose
+
+        print(__doc__)
+        print(OmegaConf.to_yaml(compose("eval", [])))
+        return 0
+    from vla.config import compose, make_run_dir
+    from vla.evaluation import format_table, run_evaluation, write_outputs
+
+    cfg = compose("eval", argv)
+    policy, env, tasks, env_kwargs = build_policy(cfg)
+    run_dir = make_run_dir(cfg, "eval")
+    try:
+        result = run_evaluation(
+            policy,
+            env,
+            tasks,
+            episodes_per_task=int(cfg.episodes),
+            n_envs=int(cfg.n_envs),
+            seed_start=cfg.seed_start,
+            instruction_split=cfg.instruction_split,
+            max_steps=cfg.max_steps,
+            video_dir=run_dir / "videos" if int(cfg.videos) > 0 else None,
+            videos_per_task=int(cfg.videos),
+            env_kwargs=env_kwargs,
+            video_fps=int(cfg.video_fps),
+            progress=bool(cfg.progress),
+            torch_threads=cfg.torch_threads,
+        )
+    finally:
+        policy.close()
+    result["checkpoint"] = None if cfg.policy == "expert" else str(cfg.checkpoint)
+    title = f"{cfg.policy} on {env}, seeds {result['seed_start']}..{result['seed_end']}"
+    paths = write_outputs(result, run_dir, chart_title=title)
+    print(format_table(result))
+    tp = result["throughput"]
+    print(f"{tp['env_steps']} env steps in {tp['wall_s']:.1f} s "
+          f"({tp['env_steps_per_s']:.1f} steps/s, n_envs={cfg.n_envs})")
+    print(f"eval_info: {paths['eval_info']}\nchart:     {paths['chart']}")
+    for v in result["videos"]:
+        print(f"video:     {v}")
+    return 0

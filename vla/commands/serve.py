@@ -1,0 +1,54 @@
+"""`vla serve`: serve a trained policy over websocket + msgpack (openpi's wire style).
+
+    vla serve checkpoint=RUN_DIR port=8000 [host=127.0.0.1]
+
+Clients (``vla.policies.RemotePolicy``, or any websocket client speaking the protocol in
+:mod:`vla.serving`) get the model's metadata on connect, then one action chunk per request.
+``GET /healthz`` answers ``ok``. Stop with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import OmegaConf
+
+
+def main(argv: list[str]) -> int:
+    from vla.config import compose
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print(OmegaConf.to_yaml(compose("serve", [])))
+        return 0
+    cfg = compose("serve", argv)
+    if not cfg.checkpoint:
+        raise ValueError("vla serve needs checkpoint=PATH (a run dir, its checkpoints dir or a step folder)")
+    if not 0 <= int(cfg.port) < 65536:
+        raise ValueError(f"port: expected 0..65535, got {cfg.port}")
+    if float(cfg.max_message_mb) <= 0:
+        raise ValueError(f"max_message_mb: expected > 0, got {cfg.max_message_mb}")
+    from vla.policies import VLAPolicy
+    from vla.serving import PolicyServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    policy = VLAPolicy.from_checkpoint(cfg.checkpoint, device=cfg.device, n_action_steps=cfg.n_action_steps,
+                                       replan_every=cfg.replan_every, num_flow_steps=cfg.num_flow_steps,
+                                       seed=cfg.seed, use_ema=cfg.use_ema)
+    server = PolicyServer(policy, host=cfg.host, port=int(cfg.port),
+                          max_message_bytes=int(float(cfg.max_message_mb) * 1024 * 1024))
+    try:
+        server.start()
+    except OSError as e:
+        raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {e}") from None
+    meta = server.metadata
+    print(f"serving {cfg.checkpoint} on ws://{cfg.host}:{server.port} (health: http://{cfg.host}:{server.port}/healthz)")
+    print(f"cameras {meta['cameras']}, state_dim {meta['state_dim']}, action_dim {meta['action_dim']}, "
+          f"horizon {meta['horizon']}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0

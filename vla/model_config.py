@@ -1,0 +1,172 @@
+"""`VLAConfig`: the model's configuration (presets in ``configs/model/``, switches in their groups).
+
+Lives beside `vla.model` (which re-exports it) so the model file reads top-down in one sitting.
+The data-dependent fields (``cameras``, ``image_size``, ``state_dim``, ``action_dim``) come from the
+episode store: `VLAConfig.from_store(model_cfg, store)`. YAML's ``on``/``off`` are accepted for the
+boolean switches. Invalid values and unsupported switch combinations are refused with the field,
+the allowed values and what came.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class VLAConfig:
+    """Model configuration. ``cameras``/``image_size``/``state_dim``/``action_dim`` come from the store."""
+
+    cameras: list[str] | None = None
+    image_size: int | list[int] | None = None  # int (square) or [H, W]; every camera has this size
+    state_dim: int | None = None
+    action_dim: int | None = None
+    patch_size: int = 8
+    n_obs_steps: int = 1
+    horizon: int = 16
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    head_dim: int = 32
+    action_width: int = 64
+    frame_width: int = 64
+    mlp_ratio: float = 2.0
+    max_instruction_tokens: int = 48
+    max_plan_tokens: int = 48  # the whole plan block: <plan> + text + <eos>
+    experts: str = "mot"  # mot | dense
+    action_head: str = "flow"  # flow | discrete
+    planner: bool = True
+    frame: str = "off"  # off | aux | condition
+    knowledge_insulation: bool = False
+    frame_size: int = 32
+    frame_camera: str | None = None  # default: the first camera
+    frame_loss_weight: float = 0.1
+    plan_loss_weight: float = 1.0
+    flow_steps: int = 10
+    action_bins: int = 256
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("planner", "knowledge_insulation"):  # YAML/CLI may spell booleans on/off
+            v = getattr(self, name)
+            if isinstance(v, str) and v.lower() in ("on", "off", "true", "false"):
+                setattr(self, name, v.lower() in ("on", "true"))
+            elif not isinstance(v, bool):
+                raise ValueError(f"VLAConfig.{name} must be a bool (or 'on'/'off'), got {v!r}")
+        if self.cameras is None or isinstance(self.cameras, str) or not list(self.cameras):
+            raise ValueError(f"VLAConfig.cameras must be a non-empty list of camera names (from the store), "
+                             f"got {self.cameras!r}")
+        self.cameras = [str(c) for c in self.cameras]
+        for name in ("state_dim", "action_dim", "patch_size", "n_obs_steps", "horizon", "d_model", "n_layers",
+                     "n_heads", "head_dim", "action_width", "frame_width", "max_instruction_tokens",
+                     "max_plan_tokens", "frame_size", "flow_steps", "action_bins"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"VLAConfig.{name} must be a positive int, got {v!r}"
+                                 + (" (fill it from the store)" if name in ("state_dim", "action_dim") else ""))
+        h, w = self.image_hw
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"VLAConfig.image_size {[h, w]} is not divisible by patch_size {self.patch_size}")
+        if self.frame_size % self.patch_size:
+            raise ValueError(f"VLAConfig.frame_size {self.frame_size} is not divisible by patch_size {self.patch_size}")
+        if self.head_dim % 2:
+            raise ValueError(f"VLAConfig.head_dim must be even (rotary embeddings), got {self.head_dim}")
+        for width in ("d_model", "action_width", "frame_width"):
+            if getattr(self, width) % 2:
+                raise ValueError(f"VLAConfig.{width} must be even (time embedding), got {getattr(self, width)}")
+        choices = {"experts": ("mot", "dense"), "action_head": ("flow", "discrete"),
+                   "frame": ("off", "aux", "condition")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"VLAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.action_head == "discrete" and self.frame == "condition":
+            raise ValueError("VLAConfig: frame='condition' needs action_head='flow' (the discrete head decodes actions "
+                             "token by token and cannot be integrated jointly with the frame); use frame='aux'")
+        if self.knowledge_insulation and self.experts == "dense":
+            raise ValueError("VLAConfig: knowledge_insulation needs experts='mot'; with dense experts the action "
+                             "tokens share the vlm weights, so there is nothing to insulate")
+        if self.frame_camera is None:
+            self.frame_camera = self.cameras[0]
+        if self.frame_camera not in self.cameras:
+            raise ValueError(f"VLAConfig.frame_camera {self.frame_camera!r} is not one of cameras {self.cameras}")
+        if self.max_plan_tokens < 2 or self.max_instruction_tokens < 1:
+            raise ValueError(f"VLAConfig.max_plan_tokens must be >= 2 (<plan> and <eos>), got {self.max_plan_tokens}")
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        s = self.image_size
+        if isinstance(s, int) and not isinstance(s, bool) and s > 0:
+            return s, s
+        if isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s):
+            return int(s[0]), int(s[1])
+        raise ValueError(f"VLAConfig.image_size must be a positive int or [H, W] (from the store), got {s!r}")
+
+    @property
+    def num_views(self) -> int:
+        return len(self.cameras) * self.n_obs_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> VLAConfig:
+        d = {**dict(d), **overrides}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"VLAConfig: unknown keys {unknown}; expected some of {sorted(known)}")
+        if isinstance(d.get("cameras"), tuple):
+            d["cameras"] = list(d["cameras"])
+        return cls(**d)
+
+    @classmethod
+    def from_store(cls, model_cfg: Mapping[str, Any], store: Any) -> VLAConfig:
+        """Fill the data-dependent fields from an `EpisodeStore` (cameras default to all of the store's)."""
+        d = dict(model_cfg)
+        cams = list(d.get("cameras") or store.cameras)
+        missing = [c for c in cams if c not in store.cameras]
+        if missing:
+            raise ValueError(f"VLAConfig.from_store: cameras {missing} are not in the store "
+                             f"(has {list(store.cameras)})")
+        sizes = {c: tuple(store.cameras[c]) for c in cams}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"VLAConfig.from_store: all cameras must have one image size, got {sizes}")
+        return cls.from_dict(d, cameras=cams, image_size=list(sizes[cams[0]]), state_dim=int(store.state_dim),
+                             action_dim=int(store.action_dim))
+
+
+def check_batch(cfg: VLAConfig, batch: Mapping[str, Any], training: bool) -> None:
+    """Refuse a model batch that does not match ``cfg``, naming the key, the expected and the given shape.
+
+    The batch format is the one `vla.processor.Processor` produces (see its module docstring).
+    """
+    import torch
+
+    h, w = cfg.image_hw
+    b = batch["images"].shape[0] if isinstance(batch.get("images"), torch.Tensor) else None
+    want: dict[str, tuple] = {"images": (b, cfg.num_views, 3, h, w), "state": (b, cfg.state_dim * cfg.n_obs_steps),
+                              "instruction_tokens": (b, None), "instruction_mask": (b, None)}
+    if training:
+        want.update(actions=(b, cfg.horizon, cfg.action_dim), action_is_pad=(b, cfg.horizon))
+        if cfg.planner:
+            want.update(plan_tokens=(b, None), plan_mask=(b, None))
+        if cfg.frame != "off":
+            want.update(future_frame=(b, 3, cfg.frame_size, cfg.frame_size), future_is_pad=(b,))
+    elif "plan_tokens" in batch:
+        want.update(plan_tokens=(b, None), plan_mask=(b, None))
+    for key, shape in want.items():
+        x = batch.get(key)
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"model batch: '{key}' must be a tensor of shape {_fmt(shape)}, "
+                             f"got {type(x).__name__} (build batches with vla.processor.Processor)")
+        if x.dim() != len(shape) or any(s is not None and s != g for s, g in zip(shape, x.shape)):
+            raise ValueError(f"model batch: '{key}' expected shape {_fmt(shape)}, got {list(x.shape)}")
+    for a, m in (("instruction_tokens", "instruction_mask"), ("plan_tokens", "plan_mask")):
+        if a in want and batch[a].shape != batch[m].shape:
+            raise ValueError(f"model batch: '{a}' {list(batch[a].shape)} and '{m}' {list(batch[m].shape)} differ")
+
+
+def _fmt(shape: tuple) -> str:
+    return "[" + ", ".join("B" if i == 0 else ("L" if s is None else str(s)) for i, s in enumerate(shape)) + "]"
