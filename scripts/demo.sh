@@ -23,7 +23,7 @@ rm -rf "$OUT/demos.zarr" "$OUT/train" "$OUT/eval"
 echo "== 1/3 collect: $EPISODES scripted demonstrations of $TASK (64 px corner camera)"
 vla collect env=metaworld "tasks=[$TASK]" episodes="$EPISODES" workers=2 image_size=64 \
   "cameras=[corner]" out="$OUT/demos.zarr" progress=false
-vla dataset info "$OUT/demos.zarr" | head -20
+vla dataset info "$OUT/demos.zarr"
 
 echo "== 2/3 train: tiny VLA, $STEPS steps on the CPU"
 # planner=off: on a one-task MetaWorld store the plan is the same two subtasks every episode and,

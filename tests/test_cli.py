@@ -35,3 +35,10 @@ def test_bad_override_is_a_clear_error():
 
     with pytest.raises(ValueError, match="no_such_key"):
         compose("train", ["no_such_key.nested=1"])
+
+
+def test_output_closed_early_is_not_an_error(tmp_path):
+    # `vla ... | head -1` must not end with a BrokenPipeError traceback.
+    proc = subprocess.run(f"{sys.executable} -m vla --help | head -1", shell=True, capture_output=True, text=True)
+    assert proc.stdout.startswith("usage: vla")
+    assert "Traceback" not in proc.stderr
