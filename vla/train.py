@@ -31,7 +31,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +259,7 @@ class MetricLog:
         self.enabled = enabled
         self.tb = None
         self.wandb = None
+        self.echo: Callable[[str], None] | None = None  # also show lines on the console (set by the loop)
         if not enabled:
             return
         self.text = open(run_dir / "train.log", "a")
@@ -280,6 +281,8 @@ class MetricLog:
         if self.enabled:
             self.text.write(msg + "\n")
             self.text.flush()
+            if self.echo is not None:
+                self.echo(msg)
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -714,6 +717,8 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.stop_at, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        # Metric lines reach the console too: above the bar, or plainly when there is no bar.
+        log.echo = (lambda m: bar.write(m, file=sys.stderr)) if bar is not None else (lambda m: print(m, flush=True))
         log_every, ckpt_every = max(1, int(tcfg.log_every)), int(tcfg.ckpt_every or 0)
         val_every = int(tcfg.get("val_every") or 0) or ckpt_every
         eval_every = self.eval_every
