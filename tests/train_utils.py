@@ -100,6 +100,11 @@ def one_step(cfg, indices: list[int], rank: int = 0, world: int = 1, port: int =
             "ema": {strip_wrapper_prefixes(n).removeprefix("model."): full(t) for n, t in trainer.ema.shadow.items()},
         }
     finally:
+        # Free the DDP/FSDP wrappers before the process group goes (see vla.train.train).
+        import gc
+
+        trainer = None  # noqa: F841
+        gc.collect()
         dist_utils.shutdown(info)
     if out is not None and rank == 0:
         torch.save(result, out)

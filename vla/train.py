@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -831,6 +832,7 @@ def _jsonable(d: Any) -> Any:
 def train(cfg: DictConfig) -> Path:
     """Train per ``cfg`` (composed ``configs/train.yaml``); return the run dir. Works under torchrun."""
     info = dist_utils.init(str(cfg.get("device", "auto")))
+    trainer = None
     try:
         if cfg.get("resume") and not cfg.get("run_dir"):
             # Continue in the resumed run's folder (logs append, checkpoints continue).
@@ -847,4 +849,8 @@ def train(cfg: DictConfig) -> Path:
         run_dir = Path(dist_utils.broadcast_object(info, str(run_dir) if run_dir else None))
         return trainer.run(run_dir)
     finally:
+        # Release the DDP/FSDP wrappers (they hold the process group) before the group is destroyed:
+        # a gloo group freed after destroy_process_group can hang joining its worker threads.
+        del trainer
+        gc.collect()
         dist_utils.shutdown(info)
