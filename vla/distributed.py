@@ -71,6 +71,10 @@ def shutdown(info: DistInfo) -> None:
     import torch.distributed as dist
 
     if info.initialized_here and dist.is_initialized():
+        if info.distributed:
+            # Flush every rank's pending collectives first: a gloo group torn down while the peer still
+            # has queued work blocks forever in its destructor (seen in tests/test_ddp.py under load).
+            dist.barrier()
         dist.destroy_process_group()
 
 
