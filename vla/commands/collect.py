@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import signal
 import sys
 import threading
@@ -132,7 +131,9 @@ def _crash_test_hook(seed: int) -> None:
 
 def _worker_main(wid: int, family: str, env_kwargs: dict, jobs, results) -> None:
     # The main process handles Ctrl-C and tells workers to stop; a worker ignores SIGINT so an
-    # interrupt never kills it halfway through sending an episode.
+    # interrupt never kills it halfway through sending an episode. ``results`` is this worker's own
+    # pipe, written synchronously: a worker killed mid-send can only truncate its own channel, which
+    # the main process then reads as end-of-file (a shared queue would be left holding half a message).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     runner = _EpisodeRunner(family, env_kwargs)
     try:
@@ -143,12 +144,13 @@ def _worker_main(wid: int, family: str, env_kwargs: dict, jobs, results) -> None
             task, seed = job
             _crash_test_hook(seed)
             try:
-                results.put(("episode", wid, job, runner.run(task, seed)))
+                results.send(("episode", wid, job, runner.run(task, seed)))
             except Exception:
-                results.put(("error", wid, job, traceback.format_exc()))
+                results.send(("error", wid, job, traceback.format_exc()))
                 break
     finally:
         runner.close()
+        results.close()
 
 
 # -- the collection loop (main process) ----------------------------------------------------------
@@ -376,13 +378,15 @@ def collect(cfg) -> dict[str, Any]:
 
 def _run_workers(s: dict[str, Any], plan: _Plan, store) -> str:
     import multiprocessing as mp
+    from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     n = s["workers"]
     jobs = [ctx.Queue() for _ in range(n)]
+    pipes = [ctx.Pipe(duplex=False) for _ in range(n)]  # (reader, writer) per worker
+    readers = [r for r, _ in pipes]
     procs = [
-        ctx.Process(target=_worker_main, args=(i, s["family"], s["env_kwargs"], jobs[i], results), daemon=True)
+        ctx.Process(target=_worker_main, args=(i, s["family"], s["env_kwargs"], jobs[i], pipes[i][1]), daemon=True)
         for i in range(n)
     ]
     # Workers inherit SIGINT=ignored from the moment they start (a spawned child keeps ignored
@@ -395,6 +399,8 @@ def _run_workers(s: dict[str, Any], plan: _Plan, store) -> str:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)
+    for _, writer in pipes:
+        writer.close()  # each worker now holds the only write end of its pipe: its death reads as EOF
     assigned: dict[int, list[tuple[str, int]]] = {i: [] for i in range(n)}
     alive = set(range(n))
     depth = 2  # jobs queued per worker, so a worker never waits for the main process
@@ -413,36 +419,48 @@ def _run_workers(s: dict[str, Any], plan: _Plan, store) -> str:
             raise RuntimeError(f"collect worker {wid} failed on task {job[0]} seed {job[1]}:\n{payload}")
         store(payload)
 
+    def worker_died(i: int) -> None:
+        procs[i].join(timeout=1.0)
+        alive.discard(i)
+        for job in assigned.pop(i):
+            plan.lost(job)
+        print(f"vla collect: worker {i} died (exit code {procs[i].exitcode}); {len(alive)} left", file=sys.stderr)
+
+    def receive(timeout: float) -> list:
+        """Messages from the live workers ready within ``timeout``; a closed pipe marks its worker dead."""
+        msgs = []
+        for r in wait([readers[i] for i in sorted(alive)], timeout=timeout):
+            i = readers.index(r)
+            try:
+                msgs.append(r.recv())
+            except (EOFError, OSError):  # the worker is gone, possibly halfway through a message
+                worker_died(i)
+        return msgs
+
     status = "done"
     try:
         dispatch()
         while any(assigned[i] for i in alive):
-            try:
-                handle(results.get(timeout=1.0))
-            except queue.Empty:
+            msgs = receive(timeout=1.0)
+            for msg in msgs:
+                handle(msg)
+            if not msgs:
                 for i in list(alive):
                     if not procs[i].is_alive():
-                        alive.discard(i)
-                        for job in assigned.pop(i):
-                            plan.lost(job)
-                        print(f"vla collect: worker {i} died (exit code {procs[i].exitcode}); "
-                              f"{len(alive)} left", file=sys.stderr)
-                if not alive:
-                    status = "workers died"
-                    break
+                        worker_died(i)
+            if not alive:
+                status = "workers died"
+                break
             dispatch()
     except KeyboardInterrupt:
         status = "interrupted"
         # Keep what already arrived: drain finished episodes for a moment, then stop.
         with contextlib.suppress(KeyboardInterrupt):
             deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline:
-                try:
-                    msg = results.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if msg[0] == "episode":
-                    store(msg[3])
+            while time.monotonic() < deadline and alive:
+                for msg in receive(timeout=0.2):
+                    if msg[0] == "episode":
+                        store(msg[3])
     finally:
         for i in alive:
             with contextlib.suppress(Exception):
@@ -453,7 +471,8 @@ def _run_workers(s: dict[str, Any], plan: _Plan, store) -> str:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=2.0)
-        results.cancel_join_thread()
+        for r in readers:
+            r.close()
         for q in jobs:
             q.cancel_join_thread()
     return status
