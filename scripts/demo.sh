@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on the CPU: set up .venv, collect scripted MetaWorld demonstrations,
 # train the tiny VLA, evaluate it closed-loop on unseen seeds, print the success rate and write
-# videos. About 15 minutes on a 2-core machine (measured: 43/50 = 86% in 13.6 min; BENCHMARKS.md).
+# videos. About 15 minutes on a 2-core machine (measured: 43/50 and 50/50 in ~14 min; BENCHMARKS.md).
 #
 #   bash scripts/demo.sh                      # defaults below
 #   TASK=drawer-open-v3 CAMERA=behindGripper PLANNER=on EPISODES=100 STEPS=2500 EVAL_EPISODES=50 OUT=outputs/demo bash scripts/demo.sh
