@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from vla.bench import parse_bench_args
+
 DEFAULTS: dict[str, Any] = {
     "episodes": 20,
     "steps": 100,
@@ -44,26 +46,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; lists as ``[0,2]`` or ``0,2``; bools as true/false."""
-    args = dict(DEFAULTS)
-    for a in argv:
-        if "=" not in a:
-            raise ValueError(f"vla bench dataloader: expected key=value, got '{a}' (keys: {sorted(DEFAULTS)})")
-        k, v = a.split("=", 1)
-        if k not in DEFAULTS:
-            raise ValueError(f"vla bench dataloader: unknown key '{k}'; expected one of {sorted(DEFAULTS)}")
-        try:
-            if isinstance(DEFAULTS[k], bool):
-                if v.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(v)
-                args[k] = v.lower() in ("true", "1")
-            elif isinstance(DEFAULTS[k], list):
-                args[k] = [int(x) for x in v.strip("[]").split(",") if x.strip()]
-            else:
-                args[k] = int(v)
-        except ValueError:
-            raise ValueError(f"vla bench dataloader: {k}={v!r} is not a valid {type(DEFAULTS[k]).__name__}") from None
-    return args
+    """``key=value`` overrides, typed by ``DEFAULTS`` (see :func:`vla.bench.parse_bench_args`)."""
+    return parse_bench_args("dataloader", argv, DEFAULTS, int_lists=("workers",))
 
 
 def synthetic_frames(rng: np.random.Generator, steps: int, size: int, noise: int) -> np.ndarray:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from vla.bench import parse_bench_args
+
 DEFAULTS: dict[str, Any] = {
     "families": "all",
     "tasks": "all",
@@ -45,29 +47,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; lists as ``[a,b]`` or ``a,b``; bools as true/false; ``all`` for everything."""
-    args = dict(DEFAULTS)
-    for a in argv:
-        if "=" not in a:
-            raise ValueError(f"vla bench env: expected key=value, got '{a}' (keys: {sorted(DEFAULTS)})")
-        k, v = a.split("=", 1)
-        if k not in DEFAULTS:
-            raise ValueError(f"vla bench env: unknown key '{k}'; expected one of {sorted(DEFAULTS)}")
-        if k in ("families", "tasks"):
-            v = v.strip("[]")
-            args[k] = "all" if v == "all" else [x.strip() for x in v.split(",") if x.strip()]
-        elif k in ("expert", "collect"):
-            if v.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"vla bench env: {k} must be true or false, got '{v}'")
-            args[k] = v.lower() in ("true", "1")
-        elif k == "speed_task":
-            args[k] = v or None
-        else:
-            try:
-                args[k] = int(v)
-            except ValueError:
-                raise ValueError(f"vla bench env: {k} must be an integer, got '{v}'") from None
-    return args
+    """``key=value`` overrides, typed by ``DEFAULTS`` (see :func:`vla.bench.parse_bench_args`)."""
+    return parse_bench_args("env", argv, DEFAULTS, str_lists=("families", "tasks"))
 
 
 def _expert_steps(env, expert, seed: int, steps: int) -> tuple[int, float]:

@@ -18,6 +18,8 @@ import json
 import time
 from typing import Any
 
+from vla.bench import parse_bench_args
+
 DEFAULTS: dict[str, Any] = {
     "policies": ["expert", "vla"],
     "env": "metaworld",
@@ -35,25 +37,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; lists as ``[a,b]`` or ``a,b``."""
-    args = dict(DEFAULTS)
-    for a in argv:
-        k, sep, v = a.partition("=")
-        if not sep:
-            raise ValueError(f"vla bench eval: expected key=value, got '{a}' (keys: {sorted(DEFAULTS)})")
-        if k not in DEFAULTS:
-            raise ValueError(f"vla bench eval: unknown key '{k}'; expected one of {sorted(DEFAULTS)}")
-        default = DEFAULTS[k]
-        try:
-            if isinstance(default, list):
-                items = [x.strip() for x in v.strip("[]").split(",") if x.strip()]
-                args[k] = [int(x) for x in items] if k == "n_envs" else items
-            elif isinstance(default, int):
-                args[k] = int(v)
-            else:
-                args[k] = v
-        except ValueError:
-            raise ValueError(f"vla bench eval: '{k}' expects {type(default).__name__}, got '{v}'") from None
+    """``key=value`` overrides, typed by ``DEFAULTS`` (see :func:`vla.bench.parse_bench_args`)."""
+    args = parse_bench_args("eval", argv, DEFAULTS, int_lists=("n_envs",))
     bad = [p for p in args["policies"] if p not in ("expert", "vla")]
     if bad:
         raise ValueError(f"vla bench eval: policies must be expert and/or vla, got {bad}")

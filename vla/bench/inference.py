@@ -26,6 +26,8 @@ import statistics
 import time
 from typing import Any
 
+from vla.bench import parse_bench_args
+
 DEFAULTS: dict[str, Any] = {
     "presets": ["tiny", "small"],
     "device": "cpu",
@@ -41,24 +43,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; lists as ``[a,b]`` or ``a,b``."""
-    args = dict(DEFAULTS)
-    for a in argv:
-        if "=" not in a:
-            raise ValueError(f"vla bench inference: expected key=value, got '{a}' (keys: {sorted(DEFAULTS)})")
-        k, v = a.split("=", 1)
-        if k not in DEFAULTS:
-            raise ValueError(f"vla bench inference: unknown key '{k}'; expected one of {sorted(DEFAULTS)}")
-        if isinstance(DEFAULTS[k], list):
-            items = [x.strip() for x in v.strip("[]").split(",") if x.strip()]
-            args[k] = [int(x) for x in items] if k == "peak_sizes" else items
-        elif isinstance(DEFAULTS[k], int):
-            try:
-                args[k] = int(v)
-            except ValueError:
-                raise ValueError(f"vla bench inference: {k} must be an int, got '{v}'") from None
-        else:
-            args[k] = v
+    """``key=value`` overrides, typed by ``DEFAULTS`` (see :func:`vla.bench.parse_bench_args`)."""
+    args = parse_bench_args("inference", argv, DEFAULTS, int_lists=("peak_sizes",))
     if args["dtype"] not in ("fp32", "bf16"):
         raise ValueError(f"vla bench inference: dtype must be fp32 or bf16, got '{args['dtype']}'")
     return args

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vla.bench import parse_bench_args
+
 DEFAULTS: dict[str, Any] = {
     "presets": [],  # default: tiny,small on CPU; small,base on CUDA
     "batch_size": 32,
@@ -36,22 +38,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; lists as ``[a,b]`` or ``a,b``; ints where they parse."""
-    args = dict(DEFAULTS)
-    for a in argv:
-        if "=" not in a:
-            raise ValueError(f"vla bench train: expected key=value, got '{a}' (keys: {sorted(DEFAULTS)})")
-        k, v = a.split("=", 1)
-        if k not in DEFAULTS:
-            raise ValueError(f"vla bench train: unknown key '{k}'; expected one of {sorted(DEFAULTS)}")
-        if isinstance(DEFAULTS[k], list):
-            items = [x.strip() for x in v.strip("[]").split(",") if x.strip()]
-            args[k] = [int(x) for x in items] if k == "workers" else items
-        elif isinstance(DEFAULTS[k], int):
-            args[k] = int(v)
-        else:
-            args[k] = v
-    return args
+    """``key=value`` overrides, typed by ``DEFAULTS`` (see :func:`vla.bench.parse_bench_args`)."""
+    return parse_bench_args("train", argv, DEFAULTS, int_lists=("workers",))
 
 
 def make_synthetic_store(path: Path, episodes: int, length: int, cameras: int, image_size: int,
