@@ -82,15 +82,16 @@ def _check_task(task: str) -> MetaWorldTaskText:
 
 
 def instructions(task: str, split: str = "train") -> tuple[str, ...]:
-    """The paraphrases of ``task`` in ``split`` ("train" or "eval"; "all" gives both)."""
+    """The paraphrases of ``task`` in ``split`` ("train" or "eval"; "all" gives both). MetaWorld's eval
+    split holds out wording only, so "paraphrase" (the tabletop suite's wording-only split) is "eval"."""
     text = _check_task(task)
     if split == "train":
         return text.train
-    if split == "eval":
+    if split in ("eval", "paraphrase"):
         return text.eval
     if split == "all":
         return text.train + text.eval
-    raise ValueError(f"instruction_split must be 'train', 'eval' or 'all', got {split!r}")
+    raise ValueError(f"instruction_split must be 'train', 'eval', 'paraphrase' or 'all', got {split!r}")
 
 
 def _make_metaworld_env(task: str) -> Any:

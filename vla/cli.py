@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "plan": "decode the subtask plan for an instruction in a scene",
     "serve": "serve a trained policy over websocket + msgpack",
     "dataset": "inspect or verify a store: `vla dataset {info,verify} PATH [--repair]`",
+    "report": "one Markdown table + chart from many runs' evaluations (sweeps, ablations)",
     "bench": "benchmarks printing JSON: `vla bench {dataloader,env,inference,train}`",
 }
 

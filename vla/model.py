@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from vla.attention import default_visibility, make_attn_mask, token_positions
 from vla.flow import euler_integrate, interpolate, sample_time, time_embedding
-from vla.model_config import VLAConfig, check_batch
+from vla.model_config import VLAConfig, check_batch, conv_strides
 from vla.tokenizer import ByteTokenizer
 
 __all__ = ["VLA", "VLAConfig"]
@@ -123,6 +123,31 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, H, N, hd)
 
 
+class ConvStem(nn.Module):
+    """Strided 3x3 convolutions from pixels to one token per patch (early convolutions, Xiao et al. 2021).
+
+    A linear map of raw patches must learn where a 4-pixel object sits inside its patch from few
+    demonstrations; a few conv layers see it at full resolution first. Channels double per stage,
+    then a 1x1 conv reaches the model width. (B*V, 3, H, W) -> (B*V, H/p * W/p, D), row-major like `patchify`.
+    """
+
+    def __init__(self, strides: list[int], width: int, base: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, s in enumerate(strides):
+            c_out = min(base * 2 ** i, width)
+            # No normalization over the image (GroupNorm/BatchNorm): a token must depend on its own
+            # neighbourhood only, as a patch embedding does.
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1 if s == 2 else 0), nn.GELU(approximate="tanh")]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.net(img).flatten(2).transpose(1, 2)  # (B*V, Np, D)
+
+
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
     """(B, ..., 3, H, W) -> (B, ..., H/p * W/p, 3*p*p), row-major patches."""
     *lead, c, h, w = img.shape
@@ -194,7 +219,7 @@ class VLA(nn.Module):
         dense = cfg.experts == "dense"
         h, w = cfg.image_hw
         self.vlm = nn.ModuleDict({
-            "patch": nn.Linear(3 * p * p, d),
+            "patch": nn.Linear(3 * p * p, d) if cfg.vision == "patch" else ConvStem(conv_strides(p), d),
             "patch_pos": nn.Embedding((h // p) * (w // p), d),  # 2D position of a patch in its view
             "view": nn.Embedding(cfg.num_views, d),  # camera x history step
             "embed": nn.Embedding(self.tok.vocab_size, d),  # tied with the LM head
@@ -244,7 +269,10 @@ class VLA(nn.Module):
     def embed_prefix(self, batch: Mapping[str, torch.Tensor]) -> Segment:
         cfg, v = self.cfg, self.vlm
         img = batch["images"]  # (B, V, 3, H, W)
-        patches = v["patch"](patchify(img, cfg.patch_size))  # (B, V, Np, D)
+        if cfg.vision == "conv":
+            patches = v["patch"](img.flatten(0, 1)).unflatten(0, img.shape[:2])  # (B, V, Np, D)
+        else:
+            patches = v["patch"](patchify(img, cfg.patch_size))  # (B, V, Np, D)
         patches = patches + v["patch_pos"].weight[None, None] + v["view"].weight[None, :, None]  # (B, V, Np, D)
         b = img.shape[0]
         parts = [patches.reshape(b, -1, cfg.d_model), v["embed"](batch["instruction_tokens"])]  # (B,V*Np,D) (B,Li,D)

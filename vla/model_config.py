@@ -24,6 +24,7 @@ class VLAConfig:
     state_dim: int | None = None
     action_dim: int | None = None
     patch_size: int = 8
+    vision: str = "patch"  # patch: one linear map per raw patch (ViT) | conv: a strided conv stem per view
     n_obs_steps: int = 1
     horizon: int = 16
     d_model: int = 128
@@ -69,7 +70,10 @@ class VLAConfig:
         h, w = self.image_hw
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"VLAConfig.image_size {[h, w]} is not divisible by patch_size {self.patch_size}")
-        if self.frame_size % self.patch_size:
+        if self.vision == "conv" and not conv_strides(self.patch_size):
+            raise ValueError(f"VLAConfig.vision='conv' needs patch_size = a product of 2s and 3s (e.g. 8, 12, 16), "
+                             f"got {self.patch_size}")
+        if self.frame != "off" and self.frame_size % self.patch_size:
             raise ValueError(f"VLAConfig.frame_size {self.frame_size} is not divisible by patch_size {self.patch_size}")
         if self.head_dim % 2:
             raise ValueError(f"VLAConfig.head_dim must be even (rotary embeddings), got {self.head_dim}")
@@ -77,7 +81,7 @@ class VLAConfig:
             if getattr(self, width) % 2:
                 raise ValueError(f"VLAConfig.{width} must be even (time embedding), got {getattr(self, width)}")
         choices = {"experts": ("mot", "dense"), "action_head": ("flow", "discrete"),
-                   "frame": ("off", "aux", "condition")}
+                   "frame": ("off", "aux", "condition"), "vision": ("patch", "conv")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"VLAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -135,6 +139,16 @@ class VLAConfig:
             raise ValueError(f"VLAConfig.from_store: all cameras must have one image size, got {sizes}")
         return cls.from_dict(d, cameras=cams, image_size=list(sizes[cams[0]]), state_dim=int(store.state_dim),
                              action_dim=int(store.action_dim))
+
+
+def conv_strides(patch_size: int) -> list[int]:
+    """Strides of the conv stem that reaches `patch_size` (2s first, then 3s); [] if there is none."""
+    strides, n = [], patch_size
+    for s in (2, 3):
+        while n % s == 0 and n > 1:
+            strides.append(s)
+            n //= s
+    return strides if n == 1 and strides else []
 
 
 def check_batch(cfg: VLAConfig, batch: Mapping[str, Any], training: bool) -> None:

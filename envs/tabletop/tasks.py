@@ -11,7 +11,8 @@ arguments, e.g. ``[PICK red cube, PLACE_BOWL red cube]``. The same plan gives
 
 Splits: each family has training and held-out evaluation paraphrase templates, and two
 (colour, shape) combinations — the purple cube and the orange cylinder — never appear in a
-training scene at all. In the eval split the (first) target object is always one of them.
+training scene at all. In the eval split the (first) target object is always one of them. The
+paraphrase split takes the held-out templates with training objects and colours: wording only.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ DRAWER_CLOSED_Q = 0.015
 LIFT_HEIGHT = 0.03       # PICK holds once the object is this far above its rest height, in the hand
 
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("purple", "cube"), ("orange", "cylinder")})
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "paraphrase")  # paraphrase: held-out templates, training objects and colours
 SHAPE_NOUNS = {"cube": ("cube", "block"), "cylinder": ("cylinder",)}
 
 
@@ -343,6 +344,8 @@ def sample_episode(task: str, rng: np.random.Generator, split: str = "train") ->
     fam = get_family(task)
     spec = fam.scene
     shapes = spec.shapes
+    template_split = "eval" if split == "paraphrase" else split
+    split = "train" if split == "paraphrase" else split  # objects and colours: the training ones
     plan, extra = fam.sample_goal(rng, split, shapes)
     targets = extra["targets"]
     if task == "stack-three":
@@ -390,7 +393,7 @@ def sample_episode(task: str, rng: np.random.Generator, split: str = "train") ->
     hand = np.array([rng.uniform(-0.08, 0.02), rng.uniform(0.12, 0.2), rng.uniform(0.12, 0.16)])
 
     # Instruction from a template of this split.
-    templates = TEMPLATES[task][split]
+    templates = TEMPLATES[task][template_split]
     tpl = templates[int(rng.integers(len(templates)))]
     fill = {"where": extra.get("where", ""), "dir": extra.get("dir", "")}
     names = extra.get("order", extra["targets"])

@@ -1,0 +1,56 @@
+"""The `vision` switch: a linear map of raw patches (ViT) or a strided conv stem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_helpers import model_batch, tiny_config
+
+from vla.model import VLA, ConvStem
+from vla.model_config import conv_strides
+
+
+def test_conv_strides_factor_the_patch_size():
+    assert conv_strides(8) == [2, 2, 2]
+    assert conv_strides(12) == [2, 2, 3]
+    assert conv_strides(16) == [2, 2, 2, 2]
+    assert conv_strides(5) == [] and conv_strides(1) == []
+
+
+@pytest.mark.parametrize("patch", [4, 8, 12])
+def test_conv_stem_gives_one_token_per_patch_in_patchify_order(patch):
+    stem = ConvStem(conv_strides(patch), width=24)
+    img = torch.zeros(2, 3, 2 * patch, 3 * patch)
+    img[0, :, patch:, 2 * patch:] = 1.0  # only the bottom-right patch of image 0 differs from zero
+    out = stem(img)  # (2, 6, 24)
+    assert out.shape == (2, 6, 24)
+    changed = (out[0] - out[1]).abs().sum(-1) > 1e-6  # (6,)
+    # Row-major: patch (1, 2) is token 5; the receptive field reaches a few pixels into its neighbours
+    # (tokens 2 and 4), never into patch (0, 0).
+    assert changed[5] and not changed[0] and not changed[3]
+
+
+def test_conv_vision_trains_and_samples():
+    cfg = tiny_config(vision="conv", image_size=16, patch_size=4)
+    torch.manual_seed(0)
+    model = VLA(cfg)
+    batch = model_batch(cfg)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    first = None
+    for _ in range(40):
+        loss = model.compute_loss(batch)["loss"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vlm["patch"].parameters())
+    out = model.sample({k: v for k, v in batch.items() if k not in ("actions", "plan_tokens", "plan_mask")})
+    assert out["actions"].shape == (3, cfg.horizon, cfg.action_dim)
+
+
+def test_conv_vision_refuses_patch_sizes_it_cannot_reach():
+    with pytest.raises(ValueError, match=r"vision='conv' needs patch_size = a product of 2s and 3s .* got 5"):
+        tiny_config(vision="conv", image_size=20, patch_size=5)
+    with pytest.raises(ValueError, match="VLAConfig.vision must be one of"):
+        tiny_config(vision="resnet")
