@@ -64,6 +64,7 @@ from vla.datasets.layout import (
     get_array,
     meta_arrays,
     open_group,
+    read_checked,
     required_arrays,
     stats_record,
 )
@@ -97,9 +98,9 @@ class EpisodeStore:
         self.subtask_table = as_str_list(strings.get("subtasks", []), "subtasks")
         self.task_table = as_str_list(strings.get("tasks", []), "tasks")
         data = data_arrays(group, attrs)
-        ends_raw = np.asarray(group["meta/episode_ends"][:], np.int64)
+        ends_raw = read_checked(self.path, group["meta/episode_ends"], "meta/episode_ends").astype(np.int64)
         data_len = min(a.shape[0] for a in data.values())
-        metas = {k: np.asarray(a[:]) for k, a in meta_arrays(group).items()}
+        metas = {k: read_checked(self.path, a, k) for k, a in meta_arrays(group).items()}
         meta_len = min(len(a) for a in metas.values())
         committed, problems = committed_episodes(ends_raw, data_len, meta_len)
         if problems:
@@ -120,7 +121,9 @@ class EpisodeStore:
         self._stats: dict | None = None
         if self.in_memory:
             for cam in self.cameras:
-                self._images[cam] = np.asarray(group[f"data/images/{cam}"][: self._num_steps])  # (N, H, W, 3)
+                a = group[f"data/images/{cam}"]
+                self._images[cam] = read_checked(self.path, a, f"data/images/{cam}", lambda a=a: a[: self._num_steps],
+                                                 self._ends)  # (N, H, W, 3)
             for k in LOWDIM_KEYS + self.optional_keys:
                 self.lowdim(k)
 
@@ -253,7 +256,8 @@ class EpisodeStore:
             raise StoreError(f"{self.path}: no low-dimensional array '{key}'; have {have}")
         arr = self._lowdim.get(key)
         if arr is None:
-            arr = np.asarray(self._g()[f"data/{key}"][: self._num_steps])
+            a = self._g()[f"data/{key}"]
+            arr = read_checked(self.path, a, f"data/{key}", lambda: a[: self._num_steps], self._ends)
             if key == "subtask" and arr.size and (arr.min() < 0 or arr.max() >= len(self.subtask_table)):
                 raise StoreError(
                     f"{self.path}: data/subtask has an index outside the subtask table ({len(self.subtask_table)})"
@@ -275,7 +279,9 @@ class EpisodeStore:
         if uniq.size == 0:
             h, w = self.cameras[camera]
             return np.zeros((0, h, w, 3), np.uint8)
-        frames = self._g()[f"data/images/{camera}"].get_orthogonal_selection((uniq,))  # (U, H, W, 3)
+        a = self._g()[f"data/images/{camera}"]
+        frames = read_checked(self.path, a, f"data/images/{camera}", lambda: a.get_orthogonal_selection((uniq,)),
+                              self._ends)  # (U, H, W, 3)
         return frames[inverse]  # (R, H, W, 3)
 
     def _episode_range(self, i: int) -> tuple[int, int]:
@@ -310,11 +316,8 @@ class EpisodeStore:
         mem = self._images.get(camera)
         if mem is not None:
             return mem[start:end].copy()
-        return np.asarray(self._g()[f"data/images/{camera}"][start:end])
-
-    def episode_of_step(self, row: int) -> int:
-        """The episode holding global row ``row``."""
-        return int(np.searchsorted(self._ends, row, side="right"))
+        a = self._g()[f"data/images/{camera}"]
+        return read_checked(self.path, a, f"data/images/{camera}", lambda: a[start:end], self._ends)
 
     def __len__(self) -> int:
         return self.num_episodes
