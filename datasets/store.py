@@ -9,7 +9,10 @@ version 1)::
                  image_chunk_frames,
                  strings: {"instructions": [...], "subtasks": [...], "tasks": [...]},
                  stats: {"num_steps": N, "action": {mean,std,min,max,q01,q99}, "state": {...},
-                         "guarded": {"action": {...}, "state": {...}}}
+                         "guarded": {"action": {...}, "state": {...}}},
+                 integrity: {"checksum": "crc32c", "empty_chunks": "written"}   (stores with checksums)
+                 index: {"episode_ends": [...], "episode_instruction": [...], "episode_task": [...],
+                         "episode_seed": [...]}   copy of the per-episode index (see below)
     data/action          float32 [N, A]
     data/state           float32 [N, S]
     data/images/<cam>    uint8   [N, H, W, 3]  blosc-zstd (lossless), chunked along time (~1 MiB chunks)
@@ -20,6 +23,16 @@ version 1)::
     meta/episode_task        int32 [E]   index into strings.tasks
     meta/episode_seed        int64 [E]
     meta/episode_ends        int64 [E]   exclusive end row of each episode; written LAST
+
+Integrity. Every array's codecs end with a crc32c checksum of the compressed chunk, and every
+chunk is written even when it equals the fill value, so a damaged chunk reads as an error naming
+the array, the chunk and its episodes (``StoreError``), and a missing chunk file is damage, not
+zeros. Low-dim arrays use 1024-row chunks, so a damaged one costs only the episodes it holds.
+The ``index`` root attribute repeats the per-episode arrays: it is written in the same attribute
+update as the statistics, after the episode's rows and meta entries and before the commit, so it
+only ever names rows that are on disk; ``vla dataset verify --repair`` restores a lost or corrupt
+``meta/*`` chunk from it with nothing lost. Stores written before checksums (no ``integrity``
+attribute) still open, verify and append; their data chunks equal to zeros may be absent on disk.
 
 String tables are JSON lists in the root attributes (zarr 3 has no ``dtype=object``, and the
 tables are small: one entry per distinct string, not per row). Statistics are the guarded

@@ -1,8 +1,9 @@
 """``EpisodeWriter``: create a store or append to it, one validated, atomic episode at a time.
 
 Write order per episode (the commit protocol; see ``vla.datasets.store`` for the layout):
-data rows, per-episode meta entries, root attributes (string tables + statistics), and last
-``meta/episode_ends``. Opening an existing store truncates rows a crashed writer left behind.
+data rows, per-episode meta entries, root attributes (string tables, statistics, the index
+copy), and last ``meta/episode_ends``. Opening an existing store truncates rows a crashed writer
+left behind. Writes run with zarr's ``write_empty_chunks`` on, so every chunk exists on disk.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from vla.datasets.layout import (
     meta_arrays,
     open_group,
     partial_files,
+    read_checked,
     required_arrays,
     stats_record_from,
     truncate,
@@ -192,12 +194,13 @@ class EpisodeWriter:
         if missing:
             raise StoreError(f"{self.path}: cannot append, store is missing arrays {missing}")
         data = data_arrays(group, attrs)
-        ends_raw = group["meta/episode_ends"][:]
+        ends_raw = read_checked(self.path, group["meta/episode_ends"], "meta/episode_ends")
         data_len = min(a.shape[0] for a in data.values())
         meta_len = min(a.shape[0] for a in meta_arrays(group).values())
         committed, problems = committed_episodes(ends_raw, data_len, meta_len)
         if problems:
-            raise StoreError(f"{self.path}: store is corrupt, refusing to append: " + "; ".join(problems))
+            raise StoreError(f"{self.path}: store is corrupt, refusing to append: " + "; ".join(problems)
+                             + f" (run `vla dataset verify {self.path} --repair`)")
         num_steps = int(ends_raw[committed - 1]) if committed else 0
         removed = truncate(group, attrs, num_steps, committed)
         for p in partial_files(self.path):
