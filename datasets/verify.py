@@ -34,8 +34,10 @@ from typing import Any
 import numpy as np
 from vla.datasets.layout import (
     INDEX_ATTR,
+    LOCK_NAME,
     META_KEYS,
     OPTIONAL_KEYS,
+    StoreError,
     chunk_file,
     committed_episodes,
     data_arrays,
@@ -48,6 +50,7 @@ from vla.datasets.layout import (
     num_chunks,
     open_group,
     partial_files,
+    read_checked,
     required_arrays,
     stats_record,
     truncate,
@@ -62,8 +65,7 @@ def verify_store(path: str | os.PathLike, repair: bool = False, quick: bool = Fa
                  max_loss: float = DEFAULT_MAX_LOSS, force: bool = False, progress: bool = False) -> dict[str, Any]:
     """Check a store; see ``_verify`` for the report. Damage the checks did not foresee is
     reported as a problem too: only a path that is not a store at all raises ``StoreError``."""
-    from vla.datasets.layout import StoreError
-
+    lock = _lock_for_repair(Path(path)) if repair else None
     try:
         return _verify(path, repair, quick, max_loss, force, progress)
     except StoreError:
@@ -72,6 +74,27 @@ def verify_store(path: str | os.PathLike, repair: bool = False, quick: bool = Fa
         return {"path": str(path), "ok": False, "repaired": False, "quick": bool(quick), "num_episodes": 0,
                 "num_steps": 0, "damaged_chunks": [], "damaged_episodes": [], "orphans": {}, "fixed": [],
                 "removed_episodes": [], "problems": [f"verify stopped on an unexpected error: {type(e).__name__}: {e}"]}
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _lock_for_repair(path: Path):
+    """Take the writer lock (repair must never race a running ``vla collect``); None without fcntl."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    if not (path / "zarr.json").is_file():
+        return None  # open_group reports what is wrong with the path
+    f = open(path / LOCK_NAME, "a+")  # noqa: SIM115 - held for the repair's duration
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise StoreError(f"{path}: a writer (e.g. `vla collect`) holds this store open; stop it before "
+                         "--repair") from None
+    return f
 
 
 def _verify(path: str | os.PathLike, repair: bool, quick: bool, max_loss: float, force: bool,
@@ -215,7 +238,10 @@ def _verify(path: str | os.PathLike, repair: bool, quick: bool, max_loss: float,
         repairable.append(f"{len(partials)} leftover *.partial temp files from an interrupted write")
 
     # 5. contents of the undamaged arrays: string tables, NaN/inf, statistics
-    _check_contents(group, attrs, bad, ends, committed, num_steps, meta_values, problems, repairable)
+    try:
+        _check_contents(path, group, attrs, bad, ends, committed, num_steps, meta_values, problems, repairable)
+    except StoreError as e:  # --quick: a damaged chunk met while reading contents
+        problems.append(str(e))
 
     fatal = list(problems)
     problems[:0] = damage_msgs
@@ -296,13 +322,14 @@ def _prefix_ok(copy_ends: list[int], ends_raw: np.ndarray) -> bool:
     return len(copy_ends) >= len(ends_raw) - 1
 
 
-def _check_contents(group, attrs, bad, ends, committed, num_steps, meta_values, problems, repairable) -> None:
+def _check_contents(path, group, attrs, bad, ends, committed, num_steps, meta_values, problems, repairable) -> None:
     def clean(name: str) -> bool:
         return not bad.get(name)
 
     strings = attrs.get("strings") or {}
     if clean("data/subtask"):
-        sub = np.asarray(group["data/subtask"][:num_steps])
+        a = group["data/subtask"]
+        sub = read_checked(path, a, "data/subtask", lambda: a[:num_steps], ends)
         if sub.size and (sub.min() < 0 or sub.max() >= len(strings.get("subtasks", []))):
             problems.append("data/subtask has indices outside the subtask table")
     for key, table in (("episode_instruction", "instructions"), ("episode_task", "tasks")):
@@ -320,8 +347,9 @@ def _check_contents(group, attrs, bad, ends, committed, num_steps, meta_values, 
     elif stats.get("num_steps") != num_steps:
         repairable.append(f"statistics describe {stats.get('num_steps')} rows, the store has {num_steps}")
     elif clean("data/action") and clean("data/state"):
-        action = np.asarray(group["data/action"][:num_steps])
-        state = np.asarray(group["data/state"][:num_steps])
+        a, b = group["data/action"], group["data/state"]
+        action = read_checked(path, a, "data/action", lambda: a[:num_steps], ends)
+        state = read_checked(path, b, "data/state", lambda: b[:num_steps], ends)
         for key, arr in (("action", action), ("state", state)):
             if not np.isfinite(arr).all():
                 problems.append(f"data/{key} holds NaN/inf")

@@ -216,8 +216,17 @@ def test_verify_cli_reports_a_corrupt_chunk_in_one_clean_report(tmp_path, capsys
     assert main(["verify", str(path)]) == 1
     out = capsys.readouterr().out
     assert "PROBLEMS FOUND" in out and "data/action chunk 0" in out and "Traceback" not in out
-    assert main(["verify", str(path), "--quick", "--json"]) in (0, 1)
-    json.loads(capsys.readouterr().out)
+    assert main(["verify", str(path), "--quick", "--json"]) == 1  # the statistics check meets the chunk
+    rep = json.loads(capsys.readouterr().out)
+    assert any("data/action chunk 0" in p and "is corrupt" in p for p in rep["problems"])
+
+
+def test_repair_refuses_while_a_writer_holds_the_store(tmp_path):
+    path = tmp_path / "s"
+    _write(path, n=2)
+    with open_writer(path), pytest.raises(StoreError, match="holds this store open"):
+        verify_store(path, repair=True)
+    assert verify_store(path, repair=True)["ok"]
 
 
 def test_info_json_is_one_parseable_object(tmp_path, capsys):
