@@ -7,6 +7,7 @@ The tests run one or two trials each; the figures in docs/reliability.md come fr
 this file as a script, which runs many and prints the counts:
 
     MUJOCO_GL=egl .venv/bin/python tests/test_fault_suite.py --trials 10
+    .venv/bin/python tests/test_fault_suite.py --trials 10 --only corruption --store-episodes 150
 """
 
 from __future__ import annotations
@@ -130,12 +131,12 @@ def _corruption_store(path: Path, n: int = 60) -> list[dict]:
     return eps
 
 
-def corruption_trial(tmp: Path, rng: np.random.Generator, n_chunks: int = 50, eps: list | None = None) -> dict:
+def corruption_trial(tmp: Path, rng: np.random.Generator, n_chunks: int = 50, n_episodes: int = 60) -> dict:
     """Damage ``n_chunks`` distinct random chunks (half overwritten with random bytes, half
     deleted) across every array; verify must report each one, and repair must remove exactly
     the episodes the damaged data chunks hold, keeping every other episode identical."""
     path = tmp / "s"
-    eps = eps if eps is not None else _corruption_store(path)
+    eps = _corruption_store(path, n_episodes)
     group, attrs = open_group(path, read_only=True)
     arrays = {**data_arrays(group, attrs), **meta_arrays(group), "meta/episode_ends": group["meta/episode_ends"]}
     ends = np.asarray(group["meta/episode_ends"][:])
@@ -198,10 +199,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--only", choices=("collect", "checkpoint", "corruption"), default=None)
+    p.add_argument("--store-episodes", type=int, default=60, help="episodes of the store the corruption trials damage")
     args = p.parse_args()
     results: dict[str, list] = {"collect": [], "checkpoint": [], "corruption": []}
+    def corruption(tmp: Path, rng: np.random.Generator) -> dict:
+        return corruption_trial(tmp, rng, n_episodes=args.store_episodes)
+
     for kind, fn in (("collect", collect_kill_trial), ("checkpoint", checkpoint_kill_trial),
-                     ("corruption", corruption_trial)):
+                     ("corruption", corruption)):
         if args.only and kind != args.only:
             continue
         for t in range(args.trials):
