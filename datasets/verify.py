@@ -204,10 +204,9 @@ def _verify(path: str | os.PathLike, repair: bool, quick: bool, max_loss: float,
                 if bad[name]:
                     repairable.append(f"{name} is damaged ({_chunk_list(bad[name])}); restorable from the "
                                       "root-attribute index copy (nothing lost)")
-            else:
-                for info in bad[name].values():  # no copy: the episodes of the damaged entries are lost
-                    lo, hi = info["rows"]
-                    info["episodes"] = [e for e in range(lo, min(hi, committed))]
+            elif bad[name]:  # a store from before the index copy: these entries are simply lost
+                problems.append(f"{name} is damaged ({_chunk_list(bad[name])}) and the store has no copy of the "
+                                "index in its root attributes; not repairable (re-collect, or restore a backup)")
     num_steps = int(ends[-1]) if committed else 0
     report["num_episodes"], report["num_steps"] = committed, num_steps
 
@@ -367,20 +366,14 @@ def _repair(path, group, attrs, report, ends, committed, num_steps, meta_values,
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     fixed: list[str] = report["fixed"]
     with writing_empty_chunks():
-        # index and meta arrays restored from the copy (delete damaged chunk files first: a
-        # partial write into a corrupt chunk would have to decode it)
+        # index and meta arrays restored from the copy; every chunk file of a restored array is
+        # deleted first, because a partial write into a corrupt chunk would have to decode it
         restore = {"meta/episode_ends": ends} if report["index_source"] != "meta/episode_ends" else {}
         restore.update(meta_values)
-        for chunk in report["damaged_chunks"]:
-            if chunk["array"].startswith("meta/") and chunk["chunk"] >= 0:
-                a = group[chunk["array"]]
-                chunk_file(path, a, chunk["chunk"]).unlink(missing_ok=True)
-                if chunk["array"] not in restore:
-                    restore[chunk["array"]] = None
         for name, values in restore.items():
-            if values is None:
-                continue
             a = group[name]
+            for i, _, _ in iter_chunk_slices(a):
+                chunk_file(path, a, i).unlink(missing_ok=True)
             a.resize((committed,))
             if committed:
                 a[:committed] = np.asarray(values, a.dtype)
