@@ -2,7 +2,8 @@
 
 - ``EpisodeWriter``  create/append a store; atomic episode appends, strict validation
 - ``EpisodeStore``   read it: episodes, rows, string tables, normalization statistics
-- ``verify_store``   check a store and optionally repair a crashed writer's leftovers
+- ``verify_store``   read every chunk, report damage with its episodes, optionally repair safely
+- ``import_lerobot`` / ``export_lerobot`` (``vla.datasets.lerobot``) LeRobotDataset v3 in and out
 - ``WindowDataset``  torch Dataset of (history, action chunk, plan text, future frame) windows
 - ``collate_windows`` the fast collate for ``WindowDataset`` batches
 

@@ -7,9 +7,7 @@ them. The on-disk layout itself is documented in ``vla.datasets.store``.
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +21,18 @@ LOWDIM_KEYS: tuple[str, ...] = ("action", "state", "subtask")
 OPTIONAL_KEYS: tuple[str, ...] = ("reward", "success")
 META_KEYS: tuple[str, ...] = ("episode_instruction", "episode_task", "episode_seed")
 LOCK_NAME = ".writer.lock"
-# Crash-test hook (tests only): with VLA_STORE_PAUSE_AT=<stage> the writer touches
-# VLA_STORE_PAUSE_FILE and sleeps at that stage so a test can SIGKILL it deterministically.
-_PAUSE_ENV, _PAUSE_FILE_ENV = "VLA_STORE_PAUSE_AT", "VLA_STORE_PAUSE_FILE"
+# Root attribute of stores written with checksums: every chunk carries a crc32c and every chunk
+# is written even when it equals the fill value, so a missing chunk file is damage, not zeros.
+INTEGRITY = {"checksum": "crc32c", "empty_chunks": "written"}
+# Root attribute holding a copy of the per-episode index (episode_ends and the meta arrays),
+# written in the same attribute update that precedes each commit; see ``vla.datasets.store``.
+INDEX_ATTR = "index"
+INDEX_KEYS: tuple[str, ...] = ("episode_ends",) + META_KEYS
+
+
+def empty_index() -> dict[str, list[int]]:
+    """The root-attribute copy of the per-episode index for a store with no episodes."""
+    return {k: [] for k in INDEX_KEYS}
 
 
 class StoreError(ValueError):
@@ -35,25 +42,25 @@ class StoreError(ValueError):
     """
 
 
-def compressor(clevel: int = 3, shuffle: str = "bitshuffle"):
-    """The blosc-zstd codec every array uses (lossless)."""
-    from zarr.codecs import BloscCodec
+def compressor(clevel: int = 3, shuffle: str = "bitshuffle") -> list:
+    """The codecs every array uses: blosc-zstd (lossless), then a crc32c checksum of the
+    compressed bytes, so a damaged chunk reads as a checksum error instead of garbage."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
-    return BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle)
+    return [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle), Crc32cCodec()]
+
+
+def writing_empty_chunks():
+    """Context in which zarr writes chunks equal to the fill value too (its default skips them);
+    with every chunk on disk, a missing chunk file is detectable as damage."""
+    import zarr
+
+    return zarr.config.set({"array.write_empty_chunks": True})
 
 
 def default_chunk_frames(h: int, w: int) -> int:
     """About 1 MiB of raw pixels per chunk, between 8 and 64 frames (random access stays cheap)."""
     return int(min(64, max(8, (1 << 20) // max(1, h * w * 3))))
-
-
-def pause_hook(stage: str) -> None:
-    """Crash-test hook: pause at ``stage`` when VLA_STORE_PAUSE_AT names it (see the constants)."""
-    if os.environ.get(_PAUSE_ENV) == stage:
-        flag = os.environ.get(_PAUSE_FILE_ENV)
-        if flag:
-            Path(flag).write_text(stage)
-        time.sleep(3600)
 
 
 def check_store_dir(path: Path) -> None:
@@ -204,3 +211,74 @@ def as_str_list(value: Any, what: str) -> list[str]:
 def dir_bytes(path: Path) -> int:
     """Bytes of every file under ``path``."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# -- chunk-level access (verify, checked reads) -----------------------------------------------
+
+
+def chunk_rows(a) -> int:
+    """Rows (first-axis length) per chunk of an array chunked along its first axis only."""
+    return int(a.chunks[0])
+
+
+def num_chunks(a) -> int:
+    """Chunks along the first axis of ``a``."""
+    c = chunk_rows(a)
+    return (int(a.shape[0]) + c - 1) // c
+
+
+def chunk_file(store_path: Path, a, i: int) -> Path:
+    """The file holding chunk ``i`` (along the first axis) of array ``a`` in a LocalStore."""
+    key = a.metadata.encode_chunk_key((i,) + (0,) * (a.ndim - 1))
+    return store_path / a.path / key
+
+
+def iter_chunk_slices(a) -> Iterator[tuple[int, int, int]]:
+    """(chunk index, first row, end row) of every chunk along the first axis."""
+    c, n = chunk_rows(a), int(a.shape[0])
+    for i in range(num_chunks(a)):
+        yield i, i * c, min((i + 1) * c, n)
+
+
+def episodes_of_rows(ends: np.ndarray, start: int, end: int) -> list[int]:
+    """Committed episodes that hold any row in [start, end) (``ends``: exclusive end rows)."""
+    ends = np.asarray(ends, np.int64)
+    if end <= start or ends.size == 0:
+        return []
+    first = int(np.searchsorted(ends, start, side="right"))
+    last = int(np.searchsorted(ends, end - 1, side="right"))
+    return list(range(first, min(last, len(ends) - 1) + 1)) if first < len(ends) else []
+
+
+def read_checked(store_path: Path, a, name: str, read=None, ends: np.ndarray | None = None) -> np.ndarray:
+    """``read()`` (default: all of ``a``); a chunk that fails to decode (checksum, blosc) raises
+    ``StoreError`` naming the array, the chunk, its rows and the episodes it holds instead of
+    zarr's low-level error."""
+    try:
+        return np.asarray(read() if read is not None else a[:])
+    except Exception as first_error:  # zarr raises ValueError/RuntimeError from its codecs
+        for i, lo, hi in iter_chunk_slices(a):
+            try:
+                a[lo:hi]
+            except Exception as e:
+                eps = episodes_of_rows(ends, lo, hi) if ends is not None else []
+                held = f", episodes {format_ranges(eps)}" if eps else ""
+                raise StoreError(
+                    f"{store_path}: {name} chunk {i} (rows {lo}-{hi - 1}{held}) is corrupt: {type(e).__name__}: {e}; "
+                    f"run `vla dataset verify {store_path}` for a full report"
+                ) from None
+        raise StoreError(f"{store_path}: reading {name} failed: {type(first_error).__name__}: {first_error}") from None
+
+
+def format_ranges(ids) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (episode lists in messages stay short)."""
+    ids = sorted(int(i) for i in ids)
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ", ".join(out)
+

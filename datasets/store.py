@@ -9,7 +9,10 @@ version 1)::
                  image_chunk_frames,
                  strings: {"instructions": [...], "subtasks": [...], "tasks": [...]},
                  stats: {"num_steps": N, "action": {mean,std,min,max,q01,q99}, "state": {...},
-                         "guarded": {"action": {...}, "state": {...}}}
+                         "guarded": {"action": {...}, "state": {...}}},
+                 integrity: {"checksum": "crc32c", "empty_chunks": "written"}   (stores with checksums)
+                 index: {"episode_ends": [...], "episode_instruction": [...], "episode_task": [...],
+                         "episode_seed": [...]}   copy of the per-episode index (see below)
     data/action          float32 [N, A]
     data/state           float32 [N, S]
     data/images/<cam>    uint8   [N, H, W, 3]  blosc-zstd (lossless), chunked along time (~1 MiB chunks)
@@ -20,6 +23,16 @@ version 1)::
     meta/episode_task        int32 [E]   index into strings.tasks
     meta/episode_seed        int64 [E]
     meta/episode_ends        int64 [E]   exclusive end row of each episode; written LAST
+
+Integrity. Every array's codecs end with a crc32c checksum of the compressed chunk, and every
+chunk is written even when it equals the fill value, so a damaged chunk reads as an error naming
+the array, the chunk and its episodes (``StoreError``), and a missing chunk file is damage, not
+zeros. Low-dim arrays use 1024-row chunks, so a damaged one costs only the episodes it holds.
+The ``index`` root attribute repeats the per-episode arrays: it is written in the same attribute
+update as the statistics, after the episode's rows and meta entries and before the commit, so it
+only ever names rows that are on disk; ``vla dataset verify --repair`` restores a lost or corrupt
+``meta/*`` chunk from it with nothing lost. Stores written before checksums (no ``integrity``
+attribute) still open, verify and append; their data chunks equal to zeros may be absent on disk.
 
 String tables are JSON lists in the root attributes (zarr 3 has no ``dtype=object``, and the
 tables are small: one entry per distinct string, not per row). Statistics are the guarded
@@ -64,6 +77,7 @@ from vla.datasets.layout import (
     get_array,
     meta_arrays,
     open_group,
+    read_checked,
     required_arrays,
     stats_record,
 )
@@ -97,9 +111,9 @@ class EpisodeStore:
         self.subtask_table = as_str_list(strings.get("subtasks", []), "subtasks")
         self.task_table = as_str_list(strings.get("tasks", []), "tasks")
         data = data_arrays(group, attrs)
-        ends_raw = np.asarray(group["meta/episode_ends"][:], np.int64)
+        ends_raw = read_checked(self.path, group["meta/episode_ends"], "meta/episode_ends").astype(np.int64)
         data_len = min(a.shape[0] for a in data.values())
-        metas = {k: np.asarray(a[:]) for k, a in meta_arrays(group).items()}
+        metas = {k: read_checked(self.path, a, k) for k, a in meta_arrays(group).items()}
         meta_len = min(len(a) for a in metas.values())
         committed, problems = committed_episodes(ends_raw, data_len, meta_len)
         if problems:
@@ -120,7 +134,9 @@ class EpisodeStore:
         self._stats: dict | None = None
         if self.in_memory:
             for cam in self.cameras:
-                self._images[cam] = np.asarray(group[f"data/images/{cam}"][: self._num_steps])  # (N, H, W, 3)
+                a = group[f"data/images/{cam}"]
+                self._images[cam] = read_checked(self.path, a, f"data/images/{cam}", lambda a=a: a[: self._num_steps],
+                                                 self._ends)  # (N, H, W, 3)
             for k in LOWDIM_KEYS + self.optional_keys:
                 self.lowdim(k)
 
@@ -253,7 +269,8 @@ class EpisodeStore:
             raise StoreError(f"{self.path}: no low-dimensional array '{key}'; have {have}")
         arr = self._lowdim.get(key)
         if arr is None:
-            arr = np.asarray(self._g()[f"data/{key}"][: self._num_steps])
+            a = self._g()[f"data/{key}"]
+            arr = read_checked(self.path, a, f"data/{key}", lambda: a[: self._num_steps], self._ends)
             if key == "subtask" and arr.size and (arr.min() < 0 or arr.max() >= len(self.subtask_table)):
                 raise StoreError(
                     f"{self.path}: data/subtask has an index outside the subtask table ({len(self.subtask_table)})"
@@ -275,7 +292,9 @@ class EpisodeStore:
         if uniq.size == 0:
             h, w = self.cameras[camera]
             return np.zeros((0, h, w, 3), np.uint8)
-        frames = self._g()[f"data/images/{camera}"].get_orthogonal_selection((uniq,))  # (U, H, W, 3)
+        a = self._g()[f"data/images/{camera}"]
+        frames = read_checked(self.path, a, f"data/images/{camera}", lambda: a.get_orthogonal_selection((uniq,)),
+                              self._ends)  # (U, H, W, 3)
         return frames[inverse]  # (R, H, W, 3)
 
     def _episode_range(self, i: int) -> tuple[int, int]:
@@ -310,11 +329,8 @@ class EpisodeStore:
         mem = self._images.get(camera)
         if mem is not None:
             return mem[start:end].copy()
-        return np.asarray(self._g()[f"data/images/{camera}"][start:end])
-
-    def episode_of_step(self, row: int) -> int:
-        """The episode holding global row ``row``."""
-        return int(np.searchsorted(self._ends, row, side="right"))
+        a = self._g()[f"data/images/{camera}"]
+        return read_checked(self.path, a, f"data/images/{camera}", lambda: a[start:end], self._ends)
 
     def __len__(self) -> int:
         return self.num_episodes

@@ -1,8 +1,9 @@
 """``EpisodeWriter``: create a store or append to it, one validated, atomic episode at a time.
 
 Write order per episode (the commit protocol; see ``vla.datasets.store`` for the layout):
-data rows, per-episode meta entries, root attributes (string tables + statistics), and last
-``meta/episode_ends``. Opening an existing store truncates rows a crashed writer left behind.
+data rows, per-episode meta entries, root attributes (string tables, statistics, the index
+copy), and last ``meta/episode_ends``. Opening an existing store truncates rows a crashed writer
+left behind. Writes run with zarr's ``write_empty_chunks`` on, so every chunk exists on disk.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from vla.datasets import layout
 from vla.datasets.layout import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    INDEX_ATTR,
+    INDEX_KEYS,
+    INTEGRITY,
     LOCK_NAME,
     OPTIONAL_KEYS,
     StoreError,
@@ -26,13 +29,16 @@ from vla.datasets.layout import (
     compressor,
     data_arrays,
     default_chunk_frames,
+    empty_index,
     get_array,
     meta_arrays,
     open_group,
     partial_files,
+    read_checked,
     required_arrays,
     stats_record_from,
     truncate,
+    writing_empty_chunks,
 )
 from vla.datasets.stats import RunningStats
 
@@ -140,6 +146,8 @@ class EpisodeWriter:
                             "image_shuffle": image_shuffle},
             "strings": {"instructions": [], "subtasks": [], "tasks": []},
             "stats": None,
+            "integrity": dict(INTEGRITY),
+            INDEX_ATTR: empty_index(),
         }
         self.path.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(store=LocalStore(str(self.path)), mode="w")
@@ -147,11 +155,13 @@ class EpisodeWriter:
         images = data.create_group("images")
         meta = group.create_group("meta")
         comp = compressor(clevel)
-        lowdim_chunk = 4096
+        # 1024 rows (a few episodes) per low-dim chunk: a damaged chunk costs only the episodes
+        # it holds, and low-dim arrays are small, so more files cost little.
+        lowdim_chunk = 1024
         a, s = schema["action_dim"], schema["state_dim"]
         data.create_array("action", shape=(0, a), chunks=(lowdim_chunk, a), dtype="float32", compressors=comp)
         data.create_array("state", shape=(0, s), chunks=(lowdim_chunk, s), dtype="float32", compressors=comp)
-        data.create_array("subtask", shape=(0,), chunks=(lowdim_chunk * 4,), dtype="int32", compressors=comp)
+        data.create_array("subtask", shape=(0,), chunks=(lowdim_chunk,), dtype="int32", compressors=comp)
         cf = int(image_chunk_frames)
         for cam, (h, w) in schema["cameras"].items():
             images.create_array(cam, shape=(0, h, w, 3), chunks=(cf, h, w, 3), dtype="uint8",
@@ -184,12 +194,13 @@ class EpisodeWriter:
         if missing:
             raise StoreError(f"{self.path}: cannot append, store is missing arrays {missing}")
         data = data_arrays(group, attrs)
-        ends_raw = group["meta/episode_ends"][:]
+        ends_raw = read_checked(self.path, group["meta/episode_ends"], "meta/episode_ends")
         data_len = min(a.shape[0] for a in data.values())
         meta_len = min(a.shape[0] for a in meta_arrays(group).values())
         committed, problems = committed_episodes(ends_raw, data_len, meta_len)
         if problems:
-            raise StoreError(f"{self.path}: store is corrupt, refusing to append: " + "; ".join(problems))
+            raise StoreError(f"{self.path}: store is corrupt, refusing to append: " + "; ".join(problems)
+                             + f" (run `vla dataset verify {self.path} --repair`)")
         num_steps = int(ends_raw[committed - 1]) if committed else 0
         removed = truncate(group, attrs, num_steps, committed)
         for p in partial_files(self.path):
@@ -208,6 +219,14 @@ class EpisodeWriter:
             new_stats = stats_record_from(raw, num_steps) if num_steps else None
             group.attrs.update({"stats": new_stats})
             self._attrs["stats"] = new_stats
+        index = attrs.get(INDEX_ATTR)
+        if not isinstance(index, dict) or len(index.get("episode_ends", [])) != committed:
+            # a store written before the index copy existed (or a crash before a commit): rebuild it
+            index = {"episode_ends": [int(x) for x in ends_raw[:committed]]}
+            for key in ("episode_instruction", "episode_task", "episode_seed"):
+                index[key] = [int(x) for x in group[f"meta/{key}"][:committed]]
+            group.attrs.update({INDEX_ATTR: index})
+            self._attrs[INDEX_ATTR] = index
         if committed == 0:  # optional arrays are decided again by the next first episode
             for k in OPTIONAL_KEYS:
                 if get_array(group, f"data/{k}") is not None:
@@ -261,7 +280,8 @@ class EpisodeWriter:
             raise StoreError(f"{self.path}: add_episode on a closed EpisodeWriter")
         ep = self._num_episodes
         v = self._validate(ep, action, state, images, subtasks, instruction, task, seed, reward, success)
-        self._write(ep, v)
+        with writing_empty_chunks():
+            self._write(ep, v)
         return ep
 
     def close(self) -> None:
@@ -412,24 +432,29 @@ class EpisodeWriter:
             arr = g[name]
             arr.resize((n1,) + tuple(arr.shape[1:]))
             arr[n0:n1] = values
-        layout.pause_hook("after_data")
         # 2. per-episode meta entries
         for key, val in (("episode_instruction", instr_id), ("episode_task", task_id), ("episode_seed", v["seed"])):
             arr = g[f"meta/{key}"]
             arr.resize((ep + 1,))
             arr[ep] = val
-        # 3. string tables + statistics over the rows as they will be once committed
+        # 3. string tables, statistics and the index copy, as they will be once committed. Every
+        # row the index copy names is already on disk, so it is a valid index even if the commit
+        # below never happens (verify uses it only when meta arrays are lost or damaged).
         raw = {k: r.stage(v[k]) for k, r in self._running.items()}  # as of N + T rows
         stats = stats_record_from(raw, n1)
-        g.attrs.update({"strings": strings, "stats": stats})
-        layout.pause_hook("before_commit")
+        old = self._attrs.get(INDEX_ATTR) or empty_index()
+        index = {k: list(old.get(k, []))[:ep] for k in INDEX_KEYS}
+        for k, val in (("episode_ends", n1), ("episode_instruction", instr_id), ("episode_task", task_id),
+                       ("episode_seed", v["seed"])):
+            index[k].append(int(val))
+        g.attrs.update({"strings": strings, "stats": stats, INDEX_ATTR: index})
         # 4. commit
         ends = g["meta/episode_ends"]
         ends.resize((ep + 1,))
-        layout.pause_hook("torn_commit")
         ends[ep] = n1
         self._attrs["strings"] = strings
         self._attrs["stats"] = stats
+        self._attrs[INDEX_ATTR] = index
         for r in self._running.values():
             r.commit()
         self._num_episodes = ep + 1

@@ -45,3 +45,33 @@ def write_store(path, lengths=(5, 7, 4), with_optional: bool = False) -> list[di
         for ep in eps:
             w.add_episode(**ep)
     return eps
+
+
+# Points of the writer's commit protocol where the crash tests stop it, found from outside the
+# library by wrapping zarr's array methods: (method, array path). "after_data": the data rows are
+# written, the meta entries are not; "before_commit": everything but meta/episode_ends is
+# written; "torn_commit": episode_ends is resized but its new entry not yet written.
+STOP_POINTS = {
+    "after_data": ("resize", "meta/episode_instruction"),
+    "before_commit": ("resize", "meta/episode_ends"),
+    "torn_commit": ("__setitem__", "meta/episode_ends"),
+}
+
+
+def stop_writer_at(stage: str, action, patch=None) -> None:
+    """Call ``action(stage)`` when the writer reaches ``stage`` of its commit protocol.
+
+    ``patch(obj, name, value)`` installs the wrapper (pytest's ``monkeypatch.setattr`` in-process;
+    plain ``setattr`` in a subprocess that is killed anyway).
+    """
+    import zarr
+
+    method, array_path = STOP_POINTS[stage]
+    original = getattr(zarr.Array, method)
+
+    def wrapper(self, *args, **kwargs):
+        if self.path == array_path:
+            action(stage)
+        return original(self, *args, **kwargs)
+
+    (patch or setattr)(zarr.Array, method, wrapper)

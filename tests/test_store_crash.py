@@ -3,7 +3,6 @@ resumed writer both drop the orphan rows, and appending afterwards keeps every r
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,20 +12,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from store_helpers import make_episode, open_writer
+from store_helpers import make_episode, open_writer, stop_writer_at
 from vla.datasets import EpisodeStore, verify_store
 
 HERE = Path(__file__).parent
 
+# The child writes two episodes, then wraps zarr (test code, not the library) so that it flags
+# and sleeps when the third episode reaches ``stage``; the test kills it there with SIGKILL.
 SCRIPT = textwrap.dedent(
     """
-    import os, sys
+    import pathlib, sys, time
     sys.path.insert(0, {here!r})
-    from store_helpers import make_episode, open_writer
+    from store_helpers import make_episode, open_writer, stop_writer_at
     w = open_writer({path!r})
     w.add_episode(**make_episode(0, 6))
     w.add_episode(**make_episode(1, 5))
-    os.environ["VLA_STORE_PAUSE_AT"] = {stage!r}  # the writer pauses there; the test kills it
+
+    def pause(stage):
+        pathlib.Path({flag!r}).write_text(stage)
+        time.sleep(3600)
+
+    stop_writer_at({stage!r}, pause)
     w.add_episode(**make_episode(2, 40))
     """
 )
@@ -34,9 +40,8 @@ SCRIPT = textwrap.dedent(
 
 def _write_and_kill(path: Path, stage: str) -> None:
     flag = path.parent / "paused.flag"
-    env = {**os.environ, "VLA_STORE_PAUSE_FILE": str(flag)}
-    code = SCRIPT.format(here=str(HERE), path=str(path), stage=stage)
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    code = SCRIPT.format(here=str(HERE), path=str(path), stage=stage, flag=str(flag))
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while not flag.exists():
@@ -115,13 +120,10 @@ class _Crash(Exception):
 
 
 def _crash_at(monkeypatch, stage: str) -> None:
-    import vla.datasets.layout as layout_mod
+    def crash(s: str) -> None:
+        raise _Crash(s)
 
-    def hook(s: str) -> None:
-        if s == stage:
-            raise _Crash(s)
-
-    monkeypatch.setattr(layout_mod, "pause_hook", hook)
+    stop_writer_at(stage, crash, monkeypatch.setattr)
 
 
 def test_crash_in_first_episode_with_optional_arrays(tmp_path, monkeypatch):

@@ -1,9 +1,13 @@
-"""`vla dataset {info,verify} PATH [--repair] [--json]`: inspect or check an episode store.
+"""`vla dataset {info,verify,import-lerobot,export-lerobot}`: inspect, check, convert a store.
 
 ``info`` prints episodes, steps, tasks and instructions with counts, the subtask table with
-step counts, cameras, bytes on disk and a statistics summary. ``verify`` exits 0 when the store
-is valid (or was repaired), 1 when problems were found and not repaired. A path that is not a
-store is a ``StoreError`` (a ``ValueError``), which the CLI prints as one line with exit code 2.
+step counts, cameras, bytes on disk and a statistics summary (``--json``: one object). ``verify``
+reads every chunk of every array (``--quick``: metadata, index and statistics only) and exits 0
+when the store is valid (or was repaired), 1 when problems remain; ``--repair`` applies only
+proven repairs and refuses to drop more than ``--max-loss`` of the episodes without ``--force``.
+``import-lerobot SRC OUT`` / ``export-lerobot STORE OUT`` convert from / to a LeRobotDataset v3
+folder. A path that is not a store is a ``StoreError`` (a ``ValueError``), which the CLI prints
+as one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -24,8 +28,23 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     ver = sub.add_parser("verify", help="check a store (exit 1 if problems remain)")
     ver.add_argument("path")
-    ver.add_argument("--repair", action="store_true", help="drop orphan rows left by a crashed writer, recompute stats")
+    ver.add_argument("--repair", action="store_true",
+                     help="restore the index from its copy, drop episodes in damaged chunks and orphan rows of a "
+                          "crashed writer, recompute statistics; writes <store>.repair-<time>.json")
+    ver.add_argument("--quick", action="store_true", help="metadata, index and statistics only (no chunk scan)")
+    ver.add_argument("--max-loss", type=float, default=0.10,
+                     help="largest share of episodes --repair may remove (default 0.10)")
+    ver.add_argument("--force", action="store_true", help="let --repair remove more than --max-loss")
     ver.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    imp = sub.add_parser("import-lerobot", help="convert a local LeRobotDataset v3 folder into a new store")
+    imp.add_argument("src")
+    imp.add_argument("out")
+    imp.add_argument("--env", default=None, help="env name recorded in the store (default: info.json robot_type)")
+    exp = sub.add_parser("export-lerobot", help="write a store as a LeRobotDataset v3 folder")
+    exp.add_argument("store")
+    exp.add_argument("out")
+    exp.add_argument("--images", choices=("png", "mp4"), default="png",
+                     help="png: lossless images in the parquet files; mp4: one video per camera (lossy)")
     return p
 
 
@@ -99,18 +118,38 @@ def main(argv: list[str]) -> int:
         else:
             _print_info(sm)
         return 0
+    if args.action == "import-lerobot":
+        from vla.datasets.lerobot import import_lerobot
+
+        s = import_lerobot(args.src, args.out, env=args.env)
+        print(f"imported {args.src} -> {args.out}: {s.num_episodes} episodes, {s.num_steps} steps")
+        return 0
+    if args.action == "export-lerobot":
+        from vla.datasets.lerobot import export_lerobot
+
+        info = export_lerobot(args.store, args.out, images=args.images)
+        print(f"exported {args.store} -> {args.out}: LeRobotDataset {info['codebase_version']}, "
+              f"{info['total_episodes']} episodes, {info['total_frames']} frames")
+        return 0
+    import sys
+
     from vla.datasets import verify_store
 
-    report = verify_store(args.path, repair=args.repair)
+    report = verify_store(args.path, repair=args.repair, quick=args.quick, max_loss=args.max_loss,
+                          force=args.force, progress=sys.stderr.isatty() and not args.json)
     if args.json:
         print(json.dumps(report))
     else:
         state = "OK" if report["ok"] else "PROBLEMS FOUND"
-        print(f"{report['path']}: {state} -- {report['num_episodes']} episodes, {report['num_steps']} steps")
+        checked = "metadata only (--quick)" if args.quick else f"{report.get('chunks_checked', 0)} chunks read"
+        print(f"{report['path']}: {state} -- {report['num_episodes']} episodes, {report['num_steps']} steps, "
+              f"{checked}")
         for msg in report["fixed"]:
             print(f"  fixed: {msg}")
         for msg in report["problems"]:
             print(f"  problem: {msg}")
+        if report.get("report_file"):
+            print(f"  repair report: {report['report_file']}")
         if not report["ok"] and not args.repair:
-            print("  run `vla dataset verify PATH --repair` to drop orphan rows and recompute statistics")
+            print("  run `vla dataset verify PATH --repair` to apply the safe repairs (see --help)")
     return 0 if report["ok"] else 1
