@@ -6,7 +6,7 @@
     vla train resume=outputs/2026-01-01/12-00-00_train           # continue exactly
     torchrun --nproc_per_node=2 -m vla train dataset.path=...    # DDP (gloo on CPU, nccl on GPU)
 
-The loop is ``vla.train.train``; the config is ``configs/train.yaml``.
+The loop is ``vla.training.train``; the config is ``configs/train.yaml``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     if show:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    from vla.train import train
+    from vla.training import train
 
     run_dir = train(cfg)
     import os

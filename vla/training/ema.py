@@ -1,6 +1,6 @@
 """Exponential moving average of model weights, with a warmup of the decay.
 
-The training loop (``vla.train``) keeps one ``EMA`` next to the model and checkpoints both
+The training loop (``vla.training``) keeps one ``EMA`` next to the model and checkpoints both
 (``model.safetensors`` and ``ema.safetensors``); policies load the EMA weights by default.
 
 The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` (n = number of updates), the schedule

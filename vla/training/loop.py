@@ -1,4 +1,4 @@
-"""The training loop: one loop for every model variant (`vla train`; DESIGN.md §7).
+"""The training loop: one loop for every model variant (`vla train`).
 
 ``train(cfg) -> run_dir`` takes the composed ``configs/train.yaml`` and
 
@@ -26,352 +26,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
-import math
-import os
-import random
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from vla import checkpoint as ckpt
-from vla import distributed as dist_utils
-from vla.augment import AugmentConfig, augment_images, draw_params
 from vla.datasets import collate_windows
-from vla.ema import EMA
-
-# Keys of the composed `model` group that describe the preset rather than VLAConfig fields.
-MODEL_META_KEYS = ("preset", "name")
-# Train-config keys that may change between a run and its resume without changing the result's meaning.
-RESUMABLE_CHANGES = ("trainer.steps", "trainer.stop_at", "trainer.log_every", "trainer.ckpt_every",
-                     "trainer.keep_last", "trainer.num_workers", "trainer.num_threads", "trainer.progress",
-                     "trainer.val_every", "trainer.val_batches", "dataset.path", "dataset.in_memory",
-                     "resume", "run_dir", "eval", "wandb", "device", "name", "output_root")
-
-
-# --------------------------------------------------------------------------------------------
-# Deterministic, resumable data order
-# --------------------------------------------------------------------------------------------
-
-
-def mix_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (same inputs, same seed, on every machine)."""
-    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-@dataclasses.dataclass
-class DataPosition:
-    """Where the data stream stands: ``position`` global batches into ``epoch``."""
-
-    epoch: int = 0
-    position: int = 0
-
-    def advance(self, batches_per_epoch: int) -> None:
-        self.position += 1
-        if self.position >= batches_per_epoch:
-            self.epoch += 1
-            self.position = 0
-
-
-class ResumableBatchSampler(torch.utils.data.Sampler):
-    """Endless stream of this rank's index lists; a seeded permutation per epoch, drop-last.
-
-    Global batch ``g`` of an epoch is ``perm[g * B * W : (g + 1) * B * W]`` and rank ``r`` takes
-    its ``r``-th block of ``B``, so W processes of B see exactly what one process of W * B sees.
-    Starting at (epoch, position) continues a stopped run mid-epoch.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int,
-                 start: DataPosition | None = None) -> None:
-        self.n = int(num_samples)
-        self.batch_size = int(batch_size)
-        self.world_size = int(world_size)
-        self.rank = int(rank)
-        self.seed = int(seed)
-        self.start = dataclasses.replace(start) if start else DataPosition()
-        self.global_batch = self.batch_size * self.world_size
-        self.batches_per_epoch = self.n // self.global_batch
-        if self.batches_per_epoch < 1:
-            raise ValueError(f"global batch {self.global_batch} is larger than the dataset ({self.n} windows)")
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(mix_seed(self.seed, 0x5A3D, epoch))
-        return torch.randperm(self.n, generator=g)  # (N,)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        pos = dataclasses.replace(self.start)
-        epoch, perm = -1, None
-        while True:
-            if pos.epoch != epoch:
-                epoch, perm = pos.epoch, self.permutation(pos.epoch)
-            lo = pos.position * self.global_batch + self.rank * self.batch_size
-            yield perm[lo : lo + self.batch_size].tolist()
-            pos.advance(self.batches_per_epoch)
-
-    def __len__(self) -> int:  # endless; DataLoader only needs a number for its own bookkeeping
-        return sys.maxsize
-
+from vla.evaluation.checkpoint import eval_schedule
+from vla.training import distributed as dist_utils
+from vla.training.augment import AugmentConfig, augment_images, draw_params
+from vla.training.data import build_model_config, open_store, select_episodes
+from vla.training.data_order import DataPosition, ResumableBatchSampler, mix_seed, worker_init
+from vla.training.ema import EMA
+from vla.training.metrics import MetricLog
+from vla.training.optim import LossModule, build_optimizer, lr_at
+from vla.training.resume import check_checkpoints, check_resume_state, rng_state, set_rng_state
 
 # --------------------------------------------------------------------------------------------
-# Schedule, optimizer
+# The loop (data order, optimizer, data set-up, resume checks and logging live beside this file)
 # --------------------------------------------------------------------------------------------
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine to ``min_lr``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-_WRAPPER_PARTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
-
-
-def strip_wrapper_prefixes(name: str) -> str:
-    """A parameter name without the path parts DDP / torch.compile / FSDP1 insert (``module.x`` -> ``x``)."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
-
-
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameters without weight decay: biases, norm scales (ndim < 2) and embedding tables."""
-    names: set[str] = set()
-    for mod_name, mod in model.named_modules():
-        for p_name, p in mod.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if p.ndim < 2 or isinstance(mod, nn.Embedding) or "embed" in full.lower() or "pos_" in full.lower():
-                names.add(strip_wrapper_prefixes(full))
-    return names
-
-
-def build_optimizer(model: nn.Module, no_decay: set[str], tcfg: DictConfig) -> torch.optim.Optimizer:
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (plain if strip_wrapper_prefixes(name) in no_decay else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": float(tcfg.weight_decay), "name": "decay"},
-        {"params": plain, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    return torch.optim.AdamW(groups, lr=float(tcfg.lr), betas=tuple(tcfg.betas), eps=float(tcfg.eps))
-
-
-class LossModule(nn.Module):
-    """Wraps the model so DDP/FSDP see ``compute_loss`` as ``forward`` (their gradient hooks need it)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.model.compute_loss(batch)
-
-
-# --------------------------------------------------------------------------------------------
-# Data and model setup (everything checked before step 1)
-# --------------------------------------------------------------------------------------------
-
-
-def open_store(dcfg: DictConfig):
-    """Open the episode store named by ``dataset.path`` or raise a ValueError naming it."""
-    from vla.datasets import EpisodeStore
-
-    path = dcfg.get("path")
-    if path is None or OmegaConf.is_missing(dcfg, "path"):
-        raise ValueError("dataset.path is required: the Zarr store written by `vla collect`")
-    p = Path(str(path))
-    if not p.exists():
-        raise ValueError(f"dataset.path: store not found: {p}")
-    try:
-        store = EpisodeStore(str(p), in_memory=bool(dcfg.get("in_memory", True)))
-    except ValueError as e:
-        raise ValueError(f"dataset.path: cannot open store {p}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - zarr/OS errors of a corrupt store become one clear line
-        raise ValueError(f"dataset.path: {p} is not a valid vla episode store ({type(e).__name__}: {e})") from None
-    if store.num_episodes == 0:
-        raise ValueError(f"dataset.path: store {p} has no episodes")
-    return store
-
-
-def select_episodes(store, dcfg: DictConfig) -> tuple[list[int], list[int]]:
-    """(train, val) episode indices after the task filter and the validation hold-out."""
-    tasks = list(dcfg.get("tasks") or [])
-    all_tasks = list(store.episode_tasks)
-    eps = [i for i, t in enumerate(all_tasks) if not tasks or t in tasks]
-    if not eps:
-        raise ValueError(
-            f"dataset.tasks={tasks}: no episodes of these tasks in {dcfg.path} "
-            f"(the store has tasks {sorted(set(all_tasks))})"
-        )
-    n_val = int(dcfg.get("val_episodes") or 0)
-    if n_val < 0 or n_val >= len(eps):
-        raise ValueError(f"dataset.val_episodes={n_val}: must be in [0, {len(eps) - 1}] for {len(eps)} episodes")
-    return (eps[: len(eps) - n_val], eps[len(eps) - n_val :]) if n_val else (eps, [])
-
-
-def build_model_config(mcfg: dict[str, Any], store, dcfg: DictConfig):
-    """``VLAConfig`` from the composed ``model`` group with cameras, image size and dims from the store.
-
-    ``dataset.cameras`` (if set) picks the cameras and ``dataset.frame_camera`` the future-frame camera.
-    """
-    from vla.model import VLAConfig
-
-    d = {k: v for k, v in mcfg.items() if k not in MODEL_META_KEYS}
-    if dcfg.get("cameras"):
-        d["cameras"] = list(dcfg.cameras)
-    if dcfg.get("frame_camera"):
-        d["frame_camera"] = str(dcfg.frame_camera)
-    try:
-        return VLAConfig.from_store(d, store)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"model config (with dims from {dcfg.path}): {e}") from None
-
-
-def compare_model_configs(new: dict[str, Any], old: dict[str, Any], where: str, what: str) -> None:
-    """Refuse a checkpoint whose model config differs, naming each differing key with both values."""
-    def norm(v):
-        return list(v) if isinstance(v, tuple) else v
-
-    diffs = [f"{k}: config {norm(new.get(k))!r} vs checkpoint {norm(old.get(k))!r}"
-             for k in sorted(set(new) | set(old)) if norm(new.get(k)) != norm(old.get(k))]
-    if diffs:
-        raise ValueError(f"{what} {where}: checkpoint of a different model config: " + "; ".join(diffs))
-
-
-# --------------------------------------------------------------------------------------------
-# Logging
-# --------------------------------------------------------------------------------------------
-
-
-class MetricLog:
-    """train.log lines, metrics.jsonl, TensorBoard (always) and wandb (optional), rank 0 only."""
-
-    def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tb = None
-        self.wandb = None
-        self.echo: Callable[[str], None] | None = None  # also show lines on the console (set by the loop)
-        if not enabled:
-            return
-        self.text = open(run_dir / "train.log", "a")
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
-        w = cfg.get("wandb") or {}
-        if w.get("enabled"):
-            try:
-                import wandb
-            except ImportError:
-                raise ValueError("wandb.enabled=true but wandb is not installed: pip install wandb") from None
-            self.wandb = wandb.init(project=w.get("project", "vla"), entity=w.get("entity"), mode=w.get("mode"),
-                                    dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True),
-                                    name=run_dir.name)
-
-    def line(self, msg: str) -> None:
-        if self.enabled:
-            self.text.write(msg + "\n")
-            self.text.flush()
-            if self.echo is not None:
-                self.echo(msg)
-
-    def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
-        if not self.enabled:
-            return
-        body = " ".join(f"{k}={v:.6g}" for k, v in metrics.items())
-        self.line(f"{prefix} step={step} {body}")
-        self.jsonl.write(json.dumps({"split": prefix, "step": step, **metrics}) + "\n")
-        self.jsonl.flush()
-        for k, v in metrics.items():
-            self.tb.add_scalar(f"{prefix}/{k}", v, step)
-        if self.wandb is not None:
-            self.wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        self.text.close()
-        self.jsonl.close()
-        self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-# --------------------------------------------------------------------------------------------
-# RNG state (saved for anything in the model that draws from global generators)
-# --------------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------
-
-
-def _worker_init(seed: int, epoch: int, rank: int):
-    def init(worker_id: int) -> None:
-        s = mix_seed(seed, epoch, rank, worker_id)
-        random.seed(s)
-        np.random.seed(s % (2**32))
-        torch.manual_seed(s)
-
-    return init
-
-
-def _set_threads(tcfg: DictConfig, info: dist_utils.DistInfo) -> None:
-    if info.device.type != "cpu":
-        return
-    n = int(tcfg.get("num_threads") or 0)
-    if n <= 0:
-        if os.environ.get("OMP_NUM_THREADS"):
-            return
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        n = max(1, (os.cpu_count() or 1) // local)
-    torch.set_num_threads(n)
-
-
-def _use_bf16(tcfg: DictConfig, device: torch.device) -> bool:
-    v = tcfg.get("bf16", "auto")
-    if isinstance(v, str):
-        if v != "auto":
-            raise ValueError(f"trainer.bf16: expected auto|true|false, got '{v}'")
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return bool(v)
 
 
 class Trainer:
@@ -394,7 +71,7 @@ class Trainer:
         from vla.tokenizer import ByteTokenizer
 
         cfg, tcfg, info = self.cfg, self.tcfg, self.info
-        _set_threads(tcfg, info)
+        dist_utils.set_threads(tcfg.get("num_threads"), info)
         if info.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use tensor cores
             torch.backends.cudnn.allow_tf32 = True
@@ -432,24 +109,7 @@ class Trainer:
             )
 
         # 2. the model config, checked against a checkpoint to resume or initialise from
-        self.resume_dir: Path | None = None
-        self.init_dir: Path | None = None
-        if cfg.get("resume"):
-            self.resume_dir = ckpt.resolve_checkpoint(cfg.resume)
-            old = ckpt.read_config(self.resume_dir)
-            compare_model_configs(self.model_cfg_dict, old["model"], str(self.resume_dir), "resume")
-            self._check_resume_train_config(old.get("train") or {})
-        if cfg.get("init_from"):
-            if self.resume_dir is not None:
-                raise ValueError("resume and init_from are both set: resume continues a run, init_from starts one")
-            self.init_dir = ckpt.resolve_checkpoint(cfg.init_from)
-            old = ckpt.read_config(self.init_dir)
-            dims = {k: (self.model_cfg_dict.get(k), old["model"].get(k)) for k in ("state_dim", "action_dim")}
-            bad = {k: v for k, v in dims.items() if v[0] != v[1]}
-            if bad:
-                detail = "; ".join(f"{k}: store/config {a} vs checkpoint {b}" for k, (a, b) in bad.items())
-                raise ValueError(f"init_from {self.init_dir}: dimensions do not match the dataset: {detail}")
-
+        self.resume_dir, self.init_dir = check_checkpoints(cfg, self.model_cfg_dict)
         # 3. processor (normalizer from the store's statistics) and model
         self.normalizer = Normalizer(self.store.stats, mode=str(dcfg.normalization))
         self.tokenizer = ByteTokenizer(self.model_cfg.action_bins)
@@ -460,21 +120,21 @@ class Trainer:
             weights = ckpt.load_tensors(self.init_dir / "ema.safetensors")
             ckpt.load_weights_checked(model, weights, f"init_from {self.init_dir}")
         self.raw_model = model.to(self.device)
-        no_decay = no_decay_names(model)
         n_params = sum(p.numel() for p in model.parameters())
         self.strategy = dist_utils.pick_strategy(str(tcfg.get("strategy", "auto")), n_params, info,
                                                  int(tcfg.get("fsdp_min_params", 100_000_000)))
-        self.bf16 = _use_bf16(tcfg, self.device)
+        self.bf16 = dist_utils.use_bf16(tcfg.get("bf16", "auto"), self.device)
         loss_module = LossModule(self.raw_model)
         if tcfg.get("compile"):
             loss_module.compile()  # in place: parameter names (checkpoints, EMA) stay the same
         self.model = dist_utils.wrap_model(loss_module, self.strategy, info, bf16=self.bf16)
-        self.optimizer = build_optimizer(self.model, {"model." + n for n in no_decay}, tcfg)
+        # FSDP2 shards parameters in place and DDP keeps them, so the raw model's groups hold the live ones.
+        self.optimizer = build_optimizer(self.raw_model, tcfg)
         ema_decay = float(tcfg.get("ema_decay") or 0.0)
         self.ema = EMA(self.model, decay=ema_decay, warmup=bool(tcfg.get("ema_warmup", True))) if ema_decay else None
         self.augment = AugmentConfig.from_dict(OmegaConf.to_container(tcfg.augment, resolve=True)
                                                if tcfg.get("augment") is not None else None)
-        self.eval_every, self.eval_tasks = self._check_eval()
+        self.eval_every, self.eval_tasks = eval_schedule(cfg, self.store)
         self.step = 0
         self.saved_step = -1
         self.data_pos = DataPosition()
@@ -482,68 +142,15 @@ class Trainer:
         if self.resume_dir is not None:
             self._load_resume_state()
 
-    def _check_eval(self) -> tuple[int, list[str]]:
-        """(every, tasks) of the periodic closed-loop evaluation, checked before training starts."""
-        e = self.cfg.get("eval")
-        every = int(e.get("every") or 0) if e is not None else 0
-        if every <= 0:
-            return 0, []
-        if not e.get("env"):
-            raise ValueError(f"eval.every={every} needs eval.env (the env family to roll out in, e.g. metaworld)")
-        try:
-            import vla.evaluation  # noqa: F401
-            from vla.policies import VLAPolicy  # noqa: F401
-        except ImportError as err:
-            raise ValueError(f"eval.every={every}: closed-loop evaluation is not available in this build ({err})") \
-                from None
-        tasks = list(e.get("tasks") or self.cfg.dataset.get("tasks") or dict.fromkeys(self.store.episode_tasks))
-        return every, tasks
-
-    def _check_resume_train_config(self, old_train: dict) -> None:
-        new = OmegaConf.to_container(self.cfg, resolve=True)
-
-        def flat(d, prefix=""):
-            out = {}
-            for k, v in (d or {}).items():
-                key = f"{prefix}{k}"
-                if isinstance(v, dict):
-                    out.update(flat(v, key + "."))
-                else:
-                    out[key] = v
-            return out
-
-        a, b = flat(new), flat(old_train)
-        skip = ("model.",) + tuple(RESUMABLE_CHANGES)
-        diffs = [f"{k}: now {a.get(k)!r} vs checkpoint {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                 if not any(k == s or k.startswith(s + ".") or (s.endswith(".") and k.startswith(s)) for s in skip)
-                 and a.get(k) != b.get(k)]
-        if diffs:
-            raise ValueError(f"resume {self.resume_dir}: checkpoint of a different training config: "
-                             + "; ".join(diffs))
-
     # -- checkpoint state ----------------------------------------------------------------------
 
     def _load_resume_state(self) -> None:
         d = self.resume_dir
         st = ckpt.load_trainer_state(d)
         step, data = int(st["step"]), st["data"]
-        if step >= self.total_steps:
-            raise ValueError(f"resume {d}: the checkpoint is at step {step}, trainer.steps={self.total_steps}; "
-                             f"raise trainer.steps to train further")
-        if step >= self.stop_at:
-            raise ValueError(f"resume {d}: the checkpoint is at step {step} and trainer.stop_at={self.stop_at}; "
-                             f"nothing to do (drop or raise trainer.stop_at)")
-        if int(data["num_samples"]) != len(self.dataset):
-            raise ValueError(f"resume {d}: the dataset has {len(self.dataset)} windows, the checkpoint was trained on "
-                             f"{data['num_samples']} (a different store or filter)")
-        if int(data["world_size"]) != self.info.world_size:
-            # The data position counts global batches, whose size is batch_size x world_size.
-            raise ValueError(f"resume {d}: trained with {data['world_size']} processes, now {self.info.world_size}; "
-                             f"resume with the same number of processes")
-        if st.get("optimizer_format", "torch") != self._optimizer_format():
-            raise ValueError(f"resume {d}: the optimizer state was saved under trainer.strategy="
-                             f"'{st.get('strategy')}', this run uses '{self.strategy}'; resume with the same strategy")
-
+        check_resume_state(st, str(d), total_steps=self.total_steps, stop_at=self.stop_at,
+                           num_samples=len(self.dataset), world_size=self.info.world_size,
+                           optimizer_format=self._optimizer_format(), strategy=self.strategy)
         live = {"model." + k: v for k, v in ckpt.load_tensors(d / "model.safetensors").items()}
         try:
             if self.ema is not None:
@@ -588,9 +195,6 @@ class Trainer:
                 "optimizer": optim,
                 "optimizer_format": self._optimizer_format(),
                 "strategy": self.strategy,
-                "scheduler": {"name": "warmup_cosine", "step": self.step, "lr": float(self.tcfg.lr),
-                              "min_lr": float(self.tcfg.min_lr), "warmup_steps": int(self.tcfg.warmup_steps),
-                              "total_steps": self.total_steps},
                 "ema": self.ema.state_dict() if self.ema is not None else {},
                 "rng": rngs,
                 "data": {"epoch": self.data_pos.epoch, "position": self.data_pos.position,
@@ -698,7 +302,7 @@ class Trainer:
         nw = int(self.tcfg.get("num_workers") or 0)
         kw: dict[str, Any] = {}
         if nw > 0:
-            kw = {"worker_init_fn": _worker_init(self.seed, self.data_pos.epoch, self.info.rank),
+            kw = {"worker_init_fn": worker_init(self.seed, self.data_pos.epoch, self.info.rank),
                   "persistent_workers": False, "prefetch_factor": 4}
         return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate_windows,
                           pin_memory=self.device.type == "cuda", **kw)
@@ -783,38 +387,15 @@ class Trainer:
 
     def _closed_loop_eval(self, run_dir: Path, log: MetricLog) -> None:
         """Closed-loop rollouts of this step's checkpoint (rank 0) through ``vla.evaluation``."""
+        from vla.evaluation.checkpoint import evaluate_checkpoint
+
         if self.info.is_main:
             step_dir = run_dir / "checkpoints" / ckpt.step_dirname(self.step)
             out_dir = run_dir / "eval" / step_dir.name
-            results = closed_loop_eval(step_dir, self.cfg, self.eval_tasks, out_dir, self.device)
+            results = evaluate_checkpoint(step_dir, self.cfg, self.eval_tasks, out_dir, self.device)
             log.log(self.step, results, prefix="eval")
             log.line(f"eval step={self.step} results={out_dir / 'eval_info.json'}")
         dist_utils.barrier(self.info)
-
-
-def closed_loop_eval(step_dir: Path, cfg: DictConfig, tasks: list[str], out_dir: Path,
-                     device: torch.device) -> dict[str, float]:
-    """Roll out checkpoint ``step_dir`` per the ``eval`` section; write eval_info.json; return success rates."""
-    from vla.evaluation import run_evaluation, write_outputs
-    from vla.policies import VLAPolicy
-
-    e = OmegaConf.to_container(cfg.eval, resolve=True)
-    policy = VLAPolicy.from_checkpoint(str(step_dir), device=str(device), num_flow_steps=int(e["num_flow_steps"]),
-                                       n_action_steps=min(int(e["n_action_steps"]), int(cfg.model.horizon)))
-    env_kwargs = dict(policy.env_kwargs())
-    for k in ("cameras", "image_size"):
-        if e.get(k) is not None:
-            env_kwargs[k] = e[k]
-    videos = int(e.get("videos") or 0)
-    result = run_evaluation(policy, e["env"], tasks, int(e["episodes"]), n_envs=int(e["n_envs"]),
-                            instruction_split=str(e["instruction_split"]), seed_start=e.get("seed_start"),
-                            max_steps=e.get("max_episode_steps"), video_dir=out_dir if videos else None,
-                            videos_per_task=videos, env_kwargs=env_kwargs, progress=False)
-    write_outputs(result, out_dir, chart_title=f"{step_dir.parent.parent.name} {step_dir.name}")
-    out = {"success_rate": float(result["overall"]["success_rate"])}
-    for task, st in result["per_task"].items():
-        out[f"success_rate/{task}"] = float(st["success_rate"])
-    return out
 
 
 def _fmt_losses(losses: dict[str, Any]) -> str:
