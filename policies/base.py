@@ -29,11 +29,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-Observation = dict[str, Any]  # {"images": {cam: u8[H, W, 3]}, "state": f32[S]}
+from vla.observation import Observation  # the one documented format (vla/observation.py)
 
 
 @dataclass
