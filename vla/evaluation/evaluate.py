@@ -29,11 +29,14 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vla.envs.rollout import Recorder
+
+if TYPE_CHECKING:
+    from vla.policies.base import PolicyProtocol
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -208,7 +211,7 @@ def plot_success_chart(result: dict, path: str | os.PathLike, title: str | None 
 class EpisodeRecords(Recorder):
     """Rollout recorder: one JSON-ready record per finished episode, and the progress bar."""
 
-    def __init__(self, policy: Any, bar: Any = None) -> None:
+    def __init__(self, policy: PolicyProtocol, bar: Any = None) -> None:
         self.policy = policy
         self.bar = bar
         self.records: list[dict] = []
@@ -227,7 +230,7 @@ class VideoRecorder(Recorder):
     """Rollout recorder: an mp4 of the first ``per_task`` seeds of each task (``seed < first_seed +
     per_task``), the policy's cameras under a band with the instruction and current subtask."""
 
-    def __init__(self, policy: Any, video_dir: Path, first_seed: int, per_task: int, fps: int = 20) -> None:
+    def __init__(self, policy: PolicyProtocol, video_dir: Path, first_seed: int, per_task: int, fps: int = 20) -> None:
         self.policy = policy
         self.video_dir = Path(video_dir)
         self.first_seed = first_seed
@@ -263,7 +266,7 @@ class VideoRecorder(Recorder):
 
 # ---- evaluation ---------------------------------------------------------------------------------
 def run_evaluation(
-    policy: Any,
+    policy: PolicyProtocol,
     family: str,
     tasks: list[str],
     episodes_per_task: int,

@@ -33,9 +33,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from vla.policies.base import PolicyProtocol
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -145,7 +148,7 @@ class PolicyServer:
 
     def __init__(
         self,
-        policy: Any,
+        policy: PolicyProtocol,
         host: str = "127.0.0.1",
         port: int = 8000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
