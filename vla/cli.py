@@ -26,7 +26,7 @@ USAGE = "usage: vla SUBCOMMAND [ARGS | hydra overrides key=value ...]\n\nsubcomm
 
 
 def _set_runtime_defaults() -> None:
-    # Two processes sharing two cores crawl under OpenMP's default spin-wait (DESIGN.md §10).
+    # Two processes sharing two cores crawl under OpenMP's default spin-wait.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Headless rendering: EGL works out of the box here; users may set osmesa instead.
     os.environ.setdefault("MUJOCO_GL", "egl")

@@ -1,6 +1,6 @@
 """The VLA model: a raw-patch vision-language backbone plus Mixture-of-Transformers experts.
 
-Token sequence of one sample (DESIGN.md §5), left to right::
+Token sequence of one sample (docs/architecture.md), left to right::
 
     block   tokens                                    expert   attention
     PREFIX  image patches (each view), instruction    vlm      bidirectional
