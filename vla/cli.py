@@ -55,13 +55,7 @@ def _dispatch(argv: list[str]) -> int:
         print(f"vla: unknown subcommand '{name}'; expected one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     _set_runtime_defaults()
-    try:
-        module = importlib.import_module(f"vla.commands.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"vla.commands.{name}":
-            print(f"vla {name}: not built yet in this version", file=sys.stderr)
-            return 2
-        raise
+    module = importlib.import_module(f"vla.commands.{name}")
     try:
         return int(module.main(rest) or 0)
     except KeyboardInterrupt:

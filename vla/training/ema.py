@@ -82,15 +82,3 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.num_updates = int(state["num_updates"])
-
-    @torch.no_grad()
-    def load_shadow(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Set the shadow from a name -> tensor mapping (names must match the tracked ones)."""
-        missing = sorted(set(self.shadow) - set(tensors))
-        if missing:
-            raise ValueError(f"ema weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
-        for name, s in self.shadow.items():
-            src = tensors[name]
-            if src.shape != s.shape:
-                raise ValueError(f"ema tensor '{name}': expected shape {tuple(s.shape)}, got {tuple(src.shape)}")
-            s.copy_(src.to(s.device, torch.float32))
