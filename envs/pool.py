@@ -5,7 +5,9 @@ envs of its last few tasks, since making a MetaWorld env costs ~0.2-1 s and each
 context). Both pools answer the same three calls:
 
 - ``reset({slot: (task, seed)}) -> {slot: (obs, info) | None}``
-- ``step({slot: action}) -> {slot: (obs, reward, terminated, truncated, info) | None}``
+- ``step({slot: action}) -> {slot: (obs, reward, terminated, truncated, info) | None}``, also
+  split in two: ``send({slot: action})`` then ``receive(wait_all)`` (all results, or with
+  ``wait_all=False`` whichever are ready, so fast workers need not wait for slow ones)
 - ``restart(slot) -> bool`` after a slot came back ``None``
 
 ``InProcessPool`` runs the envs in this process (``workers=0``, tests, debugging).
@@ -75,12 +77,20 @@ class InProcessPool:
         self.family = family
         self.n = n
         self._slots = [_TaskEnvs(family, env_kwargs or {}) for _ in range(n)]
+        self._sent: dict[int, np.ndarray] = {}
 
     def reset(self, jobs: dict[int, tuple[str, int]]) -> dict[int, tuple[dict, dict] | None]:
         return {i: self._slots[i].reset(task, seed) for i, (task, seed) in jobs.items()}
 
     def step(self, actions: dict[int, np.ndarray]) -> dict[int, StepResult | None]:
         return {i: self._slots[i].step(a) for i, a in actions.items()}
+
+    def send(self, actions: dict[int, np.ndarray]) -> None:
+        self._sent.update(actions)
+
+    def receive(self, wait_all: bool = True) -> dict[int, StepResult | None]:
+        sent, self._sent = self._sent, {}
+        return self.step(sent)
 
     def restart(self, slot: int) -> bool:
         return False  # an in-process env never goes missing
@@ -146,6 +156,8 @@ class ProcessPool:
         self._procs: list[Any] = [None] * n
         self._conns: list[Any] = [None] * n
         self._jobs: dict[int, tuple[str, int]] = {}  # the (task, seed) each slot last reset to
+        self._waiting: dict[Any, int] = {}  # connection -> slot, for every message not answered yet
+        self._gone: set[int] = set()  # slots whose worker was lost while sending; answered None next
         self._start(list(range(n)))
 
     @property
@@ -169,33 +181,40 @@ class ProcessPool:
             if in_main:
                 signal.signal(signal.SIGINT, previous)
 
-    def _call(self, messages: dict[int, tuple]) -> dict[int, Any]:
-        from multiprocessing.connection import wait
-
-        replies: dict[int, Any] = {}
-        waiting: dict[Any, int] = {}
+    def _send(self, messages: dict[int, tuple]) -> None:
+        """Send one message per slot; the replies are collected by :meth:`_receive`."""
         for i, msg in messages.items():
             conn = self._conns[i]
             if conn is None:
-                replies[i] = None
+                self._gone.add(i)
                 continue
             try:
                 conn.send(msg)
-                waiting[conn] = i
+                self._waiting[conn] = i
             except (BrokenPipeError, ConnectionResetError, OSError):
                 self._lose(i)
-                replies[i] = None
-        while waiting:
+                self._gone.add(i)
+
+    def _receive(self, slots: set[int] | None = None, wait_all: bool = True) -> dict[int, Any]:
+        """Replies of the slots in ``slots`` (default: every slot awaited): all of them, or with
+        ``wait_all=False`` those ready once at least one is. A lost worker answers ``None``."""
+        from multiprocessing.connection import wait
+
+        replies: dict[int, Any] = {i: None for i in self._gone if slots is None or i in slots}
+        self._gone -= set(replies)
+        waiting = {c: i for c, i in self._waiting.items() if slots is None or i in slots}
+        while waiting and (wait_all or not replies):
             ready = wait(list(waiting), timeout=1.0)
             if not ready:  # nothing within a second: look for workers that died without closing cleanly
                 for conn, i in list(waiting.items()):
                     if not self._procs[i].is_alive():
-                        del waiting[conn]
+                        del waiting[conn], self._waiting[conn]
                         self._lose(i)
                         replies[i] = None
                 continue
             for conn in ready:
                 i = waiting.pop(conn)
+                del self._waiting[conn]
                 try:
                     status, payload = conn.recv()
                 except (EOFError, OSError):  # the worker is gone, possibly halfway through a reply
@@ -218,15 +237,27 @@ class ProcessPool:
             proc.join(timeout=1.0)
         with contextlib.suppress(Exception):
             conn.close()
+        self._waiting.pop(conn, None)
         self.lost.append((i, proc.exitcode))
         self._procs[i], self._conns[i] = None, None
 
     def reset(self, jobs: dict[int, tuple[str, int]]) -> dict[int, tuple[dict, dict] | None]:
         self._jobs.update({i: (str(t), int(s)) for i, (t, s) in jobs.items()})
-        return self._call({i: ("reset", (str(t), int(s))) for i, (t, s) in jobs.items()})
+        self._send({i: ("reset", (str(t), int(s))) for i, (t, s) in jobs.items()})
+        return self._receive(set(jobs))
+
+    def send(self, actions: dict[int, np.ndarray]) -> None:
+        """Start one step in each slot of ``actions``; :meth:`receive` collects the results."""
+        self._send({i: ("step", np.asarray(a, np.float32)) for i, a in actions.items()})
+
+    def receive(self, wait_all: bool = True) -> dict[int, StepResult | None]:
+        """Results of the steps sent: all of them, or (``wait_all=False``) whichever are ready,
+        at least one, so fast workers need not wait for slow ones."""
+        return self._receive(None, wait_all)
 
     def step(self, actions: dict[int, np.ndarray]) -> dict[int, StepResult | None]:
-        return self._call({i: ("step", np.asarray(a, np.float32)) for i, a in actions.items()})
+        self.send(actions)
+        return self._receive(set(actions))
 
     def restart(self, slot: int) -> bool:
         """Start a fresh worker in ``slot`` after its worker was lost; False once restarts are used up."""

@@ -125,12 +125,19 @@ def rollout(
     end_on_success: bool = False,
     done: Callable[[Episode, dict], bool] | None = None,
     max_env_steps: int | None = None,
+    lockstep: bool = True,
 ) -> RolloutResult:
     """Run ``jobs`` in ``pool`` with ``policy``; see the module docstring.
 
     An episode ends at termination or truncation, at ``max_steps`` steps, at its first success
     when ``end_on_success``, or when ``done(ep, info)`` says so. ``max_env_steps`` stops the whole
     rollout (episodes still running are neither ended nor discarded) once that many steps ran.
+
+    ``lockstep`` (default): every running slot steps, then the policy acts for all of them in one
+    batch (a batched model sees full batches, and a seeded policy repeats itself exactly).
+    ``lockstep=False``: the policy acts for whichever slots have answered, so fast workers never
+    wait for slow ones; for policies whose action per slot does not depend on the others (the
+    scripted expert in ``vla collect``).
     """
     source = JobList(jobs) if isinstance(jobs, (list, tuple)) else jobs
     result = RolloutResult()
@@ -176,19 +183,24 @@ def rollout(
 
     policy.reset()
     start()
+    sent: dict[int, np.ndarray] = {}  # slot -> the action of its step in flight
     while running or free:
         if not running:
             start()
             if not running:
                 break
-        active = sorted(running)
-        actions = policy.act_batch(
-            [obs[i] for i in active], [running[i][1].instruction for i in active],
-            [infos[i] for i in active], env_indices=active,
-        )  # (len(active), A)
-        replies = pool.step({i: actions[k] for k, i in enumerate(active)})
-        for k, i in enumerate(active):
-            reply = replies[i]
+        idle = sorted(i for i in running if i not in sent)
+        if idle:
+            actions = policy.act_batch(
+                [obs[i] for i in idle], [running[i][1].instruction for i in idle],
+                [infos[i] for i in idle], env_indices=idle,
+            )  # (len(idle), A)
+            batch = {i: actions[k] for k, i in enumerate(idle)}
+            sent.update(batch)
+            pool.send(batch)
+        replies = pool.receive(wait_all=lockstep)
+        for i in sorted(replies):
+            action, reply = sent.pop(i), replies[i]
             if reply is None:
                 lose(i)
                 continue
@@ -200,7 +212,7 @@ def rollout(
             ep.terminated, ep.truncated = terminated, truncated
             subtask = policy.current_subtask(i)
             for r in recorders:
-                r.step(ep, obs[i], actions[k], subtask, reward, o, info)
+                r.step(ep, obs[i], action, subtask, reward, o, info)
             obs[i], infos[i] = o, info
             if (terminated or truncated or (end_on_success and ep.success)
                     or (max_steps is not None and ep.length >= max_steps) or (done is not None and done(ep, info))):

@@ -113,3 +113,24 @@ def test_an_env_error_in_a_worker_names_the_slot_task_and_seed():
         pool.reset({0: (TASK, 3)})
         with pytest.raises(RuntimeError, match=r"worker 0 \(metaworld/reach-v3 seed 3\) failed"):
             pool.step({0: np.zeros(7, np.float32)})  # wrong action size
+
+
+def test_without_lockstep_fast_workers_run_ahead_and_every_episode_is_the_same():
+    class Counting(ZeroPolicy):
+        def __init__(self):
+            super().__init__()
+            self.batches: list[int] = []
+
+        def act_batch(self, obs_list, *args, **kwargs):
+            self.batches.append(len(obs_list))
+            return super().act_batch(obs_list, *args, **kwargs)
+
+    jobs = [(TASK, 0), (TASK, 1), (TASK, 2)]
+    with InProcessPool("metaworld", 1, KW) as pool:
+        reference = rollout(ZeroPolicy(), pool, jobs, max_steps=4)
+    policy = Counting()
+    with ProcessPool("metaworld", 2, KW) as pool:
+        free_running = rollout(policy, pool, jobs, max_steps=4, lockstep=False)
+    assert sorted((e.seed, e.length, e.instruction) for e in free_running.episodes) == \
+        sorted((e.seed, e.length, e.instruction) for e in reference.episodes)
+    assert free_running.env_steps == 12 and sum(policy.batches) == 12  # one action per step taken

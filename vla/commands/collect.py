@@ -275,7 +275,8 @@ def collect(cfg) -> dict[str, Any]:
     pool = None
     try:
         pool = make_pool(s["family"], max(1, s["workers"]), s["env_kwargs"], workers=s["workers"] > 0)
-        result = rollout(ExpertPolicy(s["family"]), pool, plan, [StoreRecorder(writer, plan, stored)])
+        result = rollout(ExpertPolicy(s["family"]), pool, plan, [StoreRecorder(writer, plan, stored)],
+                         lockstep=False)  # the expert acts per env: a fast worker never waits
         for slot, code in getattr(pool, "lost", []):
             print(f"vla collect: worker {slot} died (exit code {code}); its episode was re-run", file=sys.stderr)
         if result.status == "workers lost":
