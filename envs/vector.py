@@ -1,4 +1,8 @@
-"""Parallel rollouts: Gymnasium vector envs over any registered family.
+"""Gymnasium vector envs over any registered family, for code written against Gymnasium's API.
+
+vla's own callers (collect, eval, benchmarks) run episodes through :mod:`vla.envs.rollout` over
+the pools of :mod:`vla.envs.pool` instead, which step only the envs that run an episode and
+survive a lost worker.
 
 ``make_vector_env`` builds a ``gymnasium.vector.AsyncVectorEnv`` whose workers start with the
 ``spawn`` method: a forked child inherits the parent's OpenGL/EGL state and crashes on its first

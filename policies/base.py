@@ -15,25 +15,22 @@ Batches stay full with ``refill_below = k``: when some env's queue runs dry, eve
 episodes started at different steps then share one call per cycle instead of one call each (at
 the price of executing a few chunks only partly, which is also what a more reactive policy does).
 
-Optional temporal ensembling (ACT, Zhao et al. 2023): instead of executing a chunk verbatim, keep
-every chunk predicted so far that still covers the current step and execute the weighted mean of
-their actions for this step, with weights ``w_i = exp(-coeff * i)`` where ``i = 0`` is the *oldest*
-chunk (ACT's convention: a positive ``coeff`` trusts older predictions slightly more, which smooths
-the motion; ``coeff = 0`` is a plain mean). Chunks are still predicted every ``n_action_steps``
-steps, so ``n_action_steps=1`` is ACT's query-every-step setting and larger values trade smoothness
-for fewer model calls (``ceil(H / n_action_steps)`` chunks overlap at each step).
+Optional temporal ensembling (ACT) instead of the plain queue: see ``action_queue.py``, which
+holds both ways of turning chunks into per-step actions. :class:`PolicyProtocol` is what the
+evaluation loop and the policy server rely on; :class:`Policy` implements it once for every policy.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
-Observation = dict[str, Any]  # {"images": {cam: u8[H, W, 3]}, "state": f32[S]}
+from vla.observation import Observation  # the one documented format (vla/observation.py)
+
+from .action_queue import ActionQueue, TemporalEnsemble
 
 
 @dataclass
@@ -68,14 +65,32 @@ class Chunk:
         return int(self.actions.shape[0])
 
 
+class PolicyProtocol(Protocol):
+    """What the evaluation loop (``vla.envs.rollout``) and the policy server call on a policy."""
+
+    name: str
+    n_action_steps: int
+
+    def reset(self, env_index: int | None = None) -> None: ...
+
+    def act(self, obs: Observation, instruction: str, info: dict | None = None) -> np.ndarray: ...
+
+    def act_batch(self, obs_list: list[Observation], instructions: list[str], infos: list[dict] | None = None,
+                  env_indices: list[int] | None = None) -> np.ndarray: ...
+
+    def current_plan(self, env_index: int = 0) -> list[str] | None: ...
+
+    def current_subtask(self, env_index: int = 0) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class _Slot:
-    """Per-environment state: the action queue (or ensemble buffer) and the latest plan."""
+    """Per-environment state: how chunks become actions (queue or ensemble) and the latest plan."""
 
-    queue: deque = field(default_factory=deque)  # of f32[A]
-    ensemble: list = field(default_factory=list)  # of (start_step, f32[H, A])
+    actions: ActionQueue | TemporalEnsemble
     steps: int = 0  # env steps taken since reset
-    since_chunk: int = 0  # steps since the last chunk was predicted
     plan: list[str] | None = None
     plan_step: int = -1  # the step at which `plan` was decoded
     frame: np.ndarray | None = None
@@ -135,7 +150,11 @@ class Policy:
             self._slots.pop(int(env_index), None)
 
     def slot(self, env_index: int = 0) -> _Slot:
-        return self._slots.setdefault(int(env_index), _Slot())
+        i = int(env_index)
+        if i not in self._slots:
+            self._slots[i] = _Slot(ActionQueue(self.n_action_steps) if self.temporal_ensemble is None
+                                   else TemporalEnsemble(self.n_action_steps, self.temporal_ensemble))
+        return self._slots[i]
 
     def act(self, obs: Observation, instruction: str, info: dict | None = None) -> np.ndarray:
         """One action f32[A] for a single env (slot 0), popped from the queue."""
@@ -159,16 +178,13 @@ class Policy:
             raise ValueError(f"act_batch: env_indices must be {n} distinct slots, got {env_indices}")
         slots = [self.slot(i) for i in env_indices]
         self.observe(obs_list, env_indices)
-        if self.temporal_ensemble is None:
-            need = [k for k, s in enumerate(slots) if not s.queue]
-        else:
-            need = [k for k, s in enumerate(slots) if not s.ensemble or s.since_chunk >= self.n_action_steps]
-        if need and self.refill_below > 0 and self.temporal_ensemble is None:
+        need = [k for k, s in enumerate(slots) if s.actions.needs_chunk()]
+        if need and self.refill_below > 0:
             # Piggyback: envs whose queue is nearly empty drop its tail and take a fresh chunk in this
             # batch, so envs that started at different steps fall back into one model call per cycle.
-            extra = [k for k, s in enumerate(slots) if s.queue and len(s.queue) <= self.refill_below]
+            extra = [k for k, s in enumerate(slots) if 0 < s.actions.left() <= self.refill_below]
             for k in extra:
-                slots[k].queue.clear()
+                slots[k].actions.clear()
             need = sorted(need + extra)
         if need:
             chunks = self.predict_chunks(
@@ -211,27 +227,15 @@ class Policy:
 
     def _take_chunk(self, slot: _Slot, chunk: Chunk) -> None:
         slot.chunks_predicted += 1
-        slot.since_chunk = 0
         if chunk.plan is not None:
             slot.plan = list(chunk.plan)
         if chunk.frame is not None:
             slot.frame = chunk.frame
-        if self.temporal_ensemble is None:
-            slot.queue.extend(chunk.actions[: self.n_action_steps])
-        else:
-            slot.ensemble.append((slot.steps, chunk.actions))
+        slot.actions.add(chunk.actions, slot.steps)
 
     def _pop(self, slot: _Slot) -> np.ndarray:
-        if self.temporal_ensemble is None:
-            action = slot.queue.popleft()
-        else:
-            t = slot.steps
-            slot.ensemble = [(start, acts) for start, acts in slot.ensemble if t - start < len(acts)]
-            rows = np.stack([acts[t - start] for start, acts in slot.ensemble])  # (K, A), oldest first
-            weights = np.exp(-self.temporal_ensemble * np.arange(len(rows)))  # (K,)
-            action = (weights[:, None] * rows).sum(0) / weights.sum()  # (A,)
+        action = slot.actions.pop(slot.steps)
         slot.steps += 1
-        slot.since_chunk += 1
         return action
 
     # ---- introspection for videos and records ---------------------------------------------------

@@ -78,5 +78,12 @@ class ExpertPolicy(Policy):
             chunks.append(Chunk(np.asarray(action, np.float32)[None], plan=[str(subtask)]))  # (1, A)
         return chunks
 
+    def expert(self, env_index: int = 0) -> Any:
+        """The scripted expert driving slot ``env_index`` (to read its progress, e.g. ``.k``)."""
+        held = self._experts.get(int(env_index))
+        if held is None:
+            raise KeyError(f"ExpertPolicy: no expert for slot {env_index} yet (it is made on the first act)")
+        return held[1]
+
     def current_subtask(self, env_index: int = 0) -> str | None:
         return self._subtasks.get(int(env_index))

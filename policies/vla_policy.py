@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vla.observation import ObservationSpec, validate_observation
+
 from .base import Chunk, Observation, Policy
 
 PLAN_SEPARATOR = "; "  # how the dataset joins the remaining subtasks into one plan string
@@ -145,23 +147,6 @@ class VLAPolicy(Policy):
         else:
             self._plans.pop(int(env_index), None)
 
-    def _check_obs(self, obs: Observation, where: str) -> None:
-        if not isinstance(obs, dict) or "images" not in obs or "state" not in obs:
-            raise ValueError(f"{where}: expected an observation {{'images': {{cam: u8[H, W, 3]}}, 'state': f32[S]}}")
-        h, w = self.cfg.image_hw
-        stacked = self.n_obs_steps > 1 and np.ndim(obs["state"]) == 2  # history already stacked by the caller
-        lead = (self.n_obs_steps,) if stacked else ()
-        for cam in self.cfg.cameras:
-            img = obs["images"].get(cam)
-            if img is None:
-                raise ValueError(f"{where}: missing camera '{cam}' (model cameras {self.cfg.cameras}, "
-                                 f"got {sorted(obs['images'])})")
-            if np.shape(img) != (*lead, h, w, 3):
-                raise ValueError(f"{where}: images['{cam}'] expected {[*lead, h, w, 3]}, got {list(np.shape(img))}")
-        if np.shape(obs["state"]) != (*lead, self.cfg.state_dim):
-            raise ValueError(f"{where}: state expected {[*lead, self.cfg.state_dim]}, "
-                             f"got {list(np.shape(obs['state']))}")
-
     # ---- inference ------------------------------------------------------------------------------
     @torch.inference_mode()
     def predict_chunks(
@@ -181,8 +166,9 @@ class VLAPolicy(Policy):
         """
         n = len(obs_list)
         env_indices = list(range(n)) if env_indices is None else [int(i) for i in env_indices]
-        for k, obs in enumerate(obs_list):
-            self._check_obs(obs, f"observation {k} (env {env_indices[k]})")
+        spec = ObservationSpec.from_config(self.cfg)
+        obs_list = [validate_observation(obs, spec, f"observation {k} (env {env_indices[k]})")
+                    for k, obs in enumerate(obs_list)]
         cfg = self.cfg
         slots = [self.slot(i) for i in env_indices]
         have_plan = [i in self._plans for i in env_indices]

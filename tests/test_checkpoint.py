@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from vla import checkpoint as ckpt
-from vla.augment import AugmentConfig, augment_images, draw_params, random_shift
-from vla.ema import EMA
-from vla.train import DataPosition, ResumableBatchSampler, lr_at, no_decay_names
+from vla.training.augment import AugmentConfig, augment_images, draw_params, random_shift
+from vla.training.data_order import DataPosition, ResumableBatchSampler
+from vla.training.ema import EMA
+from vla.training.optim import lr_at
 
 
 def _save(root, step, keep=2, w=None):
@@ -171,7 +172,22 @@ def test_sampler_shards_resumes_and_covers_epochs():
         ResumableBatchSampler(3, 4, 1, 0, seed=0)
 
 
-def test_no_decay_covers_biases_norms_embeddings():
-    m = torch.nn.ModuleDict({"emb": torch.nn.Embedding(3, 4), "lin": torch.nn.Linear(4, 4),
-                             "norm": torch.nn.LayerNorm(4)})
-    assert no_decay_names(m) == {"emb.weight", "lin.bias", "norm.weight", "norm.bias"}
+def test_the_model_owns_its_weight_decay_groups():
+    from model_helpers import tiny_config
+
+    from vla.model import VLA
+
+    model = VLA(tiny_config())
+    decay, plain = model.optimizer_groups(0.1)
+    assert (decay["name"], decay["weight_decay"]) == ("decay", 0.1)
+    assert (plain["name"], plain["weight_decay"]) == ("no_decay", 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in plain["params"]}
+    assert "vlm.embed.weight" in no_decay and "vlm.patch_pos.weight" in no_decay  # embedding tables
+    assert all(model.get_parameter(n).ndim < 2 or "embed" in n or "pos" in n or "view" in n for n in no_decay)
+    assert all(p.ndim == 2 for p in decay["params"])  # only weight matrices decay
+    # every trainable parameter in exactly one group, in named_parameters order (checkpoints index by it)
+    order = [id(p) for p in model.parameters()]
+    assert sorted(map(order.index, map(id, decay["params"] + plain["params"]))) == list(range(len(order)))
+    assert [order.index(id(p)) for p in decay["params"]] == sorted(order.index(id(p)) for p in decay["params"])
+

@@ -48,3 +48,20 @@ def test_output_closed_early_is_not_an_error():
     os.close(write_end)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_keys_that_moved_into_the_policy_group_keep_their_old_spelling():
+    from vla.config import compose
+
+    cfg = compose("eval", ["checkpoint=runs/a", "n_action_steps=4", "seed=7", "max_steps=30"])
+    assert (cfg.policy.name, cfg.policy.checkpoint) == ("vla", "runs/a")
+    assert (cfg.policy.n_action_steps, cfg.policy.seed) == (4, 7)
+    assert cfg.max_episode_steps == 30 and "max_steps" not in cfg
+    expert = compose("eval", ["policy=expert", "env=metaworld"])
+    assert dict(expert.policy) == {"name": "expert"}
+    plan = compose("plan", ["checkpoint=runs/a", "seed=3", "num_flow_steps=5"])
+    assert (plan.policy.checkpoint, plan.policy.num_flow_steps, plan.seed, plan.policy.seed) == ("runs/a", 5, 3, 0)
+    serve = compose("serve", ["checkpoint=runs/a", "port=9000", "policy.n_action_steps=2"])
+    assert (serve.policy.checkpoint, serve.port, serve.policy.n_action_steps) == ("runs/a", 9000, 2)
+    remote = compose("eval", ["policy=remote", "policy.port=9001"])
+    assert (remote.policy.name, remote.policy.port) == ("remote", 9001)

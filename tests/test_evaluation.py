@@ -125,6 +125,35 @@ def test_async_rollouts_match_in_process_rollouts():
     assert all(e["length"] == 25 for e in par["episodes"])
 
 
+def test_a_killed_eval_worker_has_its_episode_rerun():
+    import multiprocessing
+    import os
+    import signal
+
+    from vla.policies import ExpertPolicy
+
+    from vla.evaluation import run_evaluation
+
+    class KillsAWorker(ExpertPolicy):
+        """Kills one env worker from outside (SIGKILL) on the 10th step, mid-episode."""
+
+        calls = 0
+
+        def act_batch(self, *args, **kwargs):
+            KillsAWorker.calls += 1
+            if KillsAWorker.calls == 10:
+                os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+            return super().act_batch(*args, **kwargs)
+
+    kw = {"env_kwargs": {"cameras": ("corner",), "image_size": 32}, "progress": False, "seed_start": 500,
+          "max_steps": 25}
+    sync = run_evaluation(ExpertPolicy("metaworld"), "metaworld", [TASK], 3, n_envs=1, **kw)
+    par = run_evaluation(KillsAWorker("metaworld"), "metaworld", [TASK], 3, n_envs=2, **kw)
+    assert len(par["rerun_episodes"]) == 1 and par["unfinished_episodes"] == []
+    key = [(e["seed"], e["success"], e["length"], e["instruction"]) for e in sync["episodes"]]
+    assert key == [(e["seed"], e["success"], e["length"], e["instruction"]) for e in par["episodes"]]
+
+
 def test_vla_eval_tiny_checkpoint(tmp_path, capsys):
     from _tiny_vla import make_tiny, save_tiny
 

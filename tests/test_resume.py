@@ -9,7 +9,7 @@ import torch
 from train_utils import make_store, train_cfg
 
 from vla import checkpoint as ckpt
-from vla.train import train
+from vla.training import train
 
 
 def _losses(run_dir):

@@ -7,10 +7,12 @@ import math
 
 import numpy as np
 import pytest
+from vla.envs.pool import InProcessPool
 from vla.envs.tabletop import FAMILY, list_tasks, make_env, make_expert
 from vla.envs.tabletop import scene as S
 from vla.envs.tabletop import tasks as T
-from vla.envs.tabletop.measure import run_expert_episode
+
+from vla.bench.tabletop import run_expert_episodes
 
 TASKS = list_tasks()
 
@@ -62,13 +64,12 @@ def test_same_seed_same_scene():
 
 @pytest.mark.parametrize("task", TASKS)
 def test_expert_succeeds_with_ordered_subtask_labels(task):
-    env = make_env(task, cameras=())
-    expert = make_expert(task)
+    pool = InProcessPool("tabletop", 1, {"cameras": ()})
     for seed in (0, 1):
-        res = run_expert_episode(env, expert, seed)
+        (res,) = run_expert_episodes(pool, task, [seed])
         assert res["success"], f"{task} seed {seed}: expert failed ({res['subtasks_done']}/{res['num_subtasks']})"
         assert res["subtasks_done"] == res["num_subtasks"]
-        ep = env.episode
+        ep = pool.env(0).episode
         want = [T.subtask_text(s, ep.colors, ep.shapes) for s in ep.plan]
         seen = [lab for i, lab in enumerate(res["labels"]) if i == 0 or lab != res["labels"][i - 1]]
         assert seen == want

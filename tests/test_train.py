@@ -10,7 +10,7 @@ from train_utils import make_store, train_cfg
 
 from vla import checkpoint as ckpt
 from vla.cli import main as cli_main
-from vla.train import Trainer, train
+from vla.training import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_load_policy_bundle_matches_the_trained_model(store, tmp_path):
 
     cfg = train_cfg(store, tmp_path / "run", "trainer.steps=3", "trainer.ckpt_every=3", "trainer.ema_decay=0.5",
                     "dataset.val_episodes=1")
-    from vla import distributed as dist_utils
+    from vla.training import distributed as dist_utils
 
     trainer = Trainer(cfg, dist_utils.init("cpu"))
     trainer.run(tmp_path / "run")
@@ -152,7 +152,7 @@ def test_dimension_and_config_mismatch_name_both_sides(store, tmp_path):
 def test_init_from_loads_weights(store, tmp_path):
     run = tmp_path / "run"
     train(train_cfg(store, run, "trainer.steps=1", "trainer.ckpt_every=1"))
-    from vla import distributed as dist_utils
+    from vla.training import distributed as dist_utils
 
     t = Trainer(train_cfg(store, tmp_path / "run2", f"init_from={run}"), dist_utils.init("cpu"))
     ema = ckpt.load_tensors(run / "checkpoints" / "step_0000001" / "ema.safetensors")

@@ -76,8 +76,9 @@ def one_step(cfg, indices: list[int], rank: int = 0, world: int = 1, port: int =
                            "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
     from vla.datasets import collate_windows
 
-    from vla import distributed as dist_utils
-    from vla.train import Trainer, strip_wrapper_prefixes
+    from vla.training import Trainer
+    from vla.training import distributed as dist_utils
+    from vla.training.optim import strip_wrapper_prefixes
 
     info = dist_utils.init("cpu")
     try:
@@ -100,7 +101,7 @@ def one_step(cfg, indices: list[int], rank: int = 0, world: int = 1, port: int =
             "ema": {strip_wrapper_prefixes(n).removeprefix("model."): full(t) for n, t in trainer.ema.shadow.items()},
         }
     finally:
-        # Free the DDP/FSDP wrappers before the process group goes (see vla.train.train).
+        # Free the DDP/FSDP wrappers before the process group goes (see vla.training.train).
         import gc
 
         trainer = None  # noqa: F841
@@ -119,7 +120,7 @@ def spawn_worker(rank: int, world: int, ports: list[int], jobs: list[tuple], out
 
     import torch
 
-    from vla.train import train
+    from vla.training import train
 
     torch.set_num_threads(1)
     results = []

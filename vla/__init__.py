@@ -4,7 +4,10 @@ One transformer reads camera images and a language instruction, writes a text pl
 subtasks, and through Mixture-of-Transformers experts generates continuous action chunks by
 flow matching (and optionally a future camera frame). Sub-packages:
 
-- ``vla``            model, tokenizer, normalization, training loop, CLI (folder ``vla/``)
+- ``vla``            the core: model, attention, flow, tokenizer, processor, normalization,
+                     observation format, checkpoint (folder ``vla/``); it imports no application
+- ``vla.training``, ``vla.evaluation``, ``vla.serving``, ``vla.commands`` (the CLI), ``vla.bench``
+                     the applications built on the core (see docs/architecture.md)
 - ``vla.envs``       MuJoCo Gymnasium environments and scripted experts (folder ``envs/``)
 - ``vla.policies``   the policy interface and its implementations (folder ``policies/``)
 - ``vla.datasets``   the Zarr episode store and window sampler (folder ``datasets/``)

@@ -1,4 +1,4 @@
-"""The block attention mask of the VLA token sequence (DESIGN.md §5).
+"""The block attention mask of the VLA token sequence (docs/architecture.md).
 
 Every token carries a *block id* (prefix 0, plan 1, state 2, action 3, frame 4 in `vla.model`),
 a *causal* flag and a *valid* flag (False for padding). One rule builds the whole mask:

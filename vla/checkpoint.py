@@ -1,6 +1,6 @@
 """Checkpoint folders: atomic writes, `last` pointer, pruning, and loading a policy bundle.
 
-Layout (DESIGN.md §7, docs/contracts.md)::
+Layout (docs/architecture.md, docs/contracts.md)::
 
     run_dir/checkpoints/
         step_0000100/

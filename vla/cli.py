@@ -27,7 +27,7 @@ USAGE = "usage: vla SUBCOMMAND [ARGS | hydra overrides key=value ...]\n\nsubcomm
 
 
 def _set_runtime_defaults() -> None:
-    # Two processes sharing two cores crawl under OpenMP's default spin-wait (DESIGN.md §10).
+    # Two processes sharing two cores crawl under OpenMP's default spin-wait.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Headless rendering: EGL works out of the box here; users may set osmesa instead.
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -56,13 +56,7 @@ def _dispatch(argv: list[str]) -> int:
         print(f"vla: unknown subcommand '{name}'; expected one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     _set_runtime_defaults()
-    try:
-        module = importlib.import_module(f"vla.commands.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"vla.commands.{name}":
-            print(f"vla {name}: not built yet in this version", file=sys.stderr)
-            return 2
-        raise
+    module = importlib.import_module(f"vla.commands.{name}")
     try:
         return int(module.main(rest) or 0)
     except KeyboardInterrupt:

@@ -3,7 +3,7 @@
 The configs live in the ``vla.configs`` package (folder ``configs/``), so they are found the
 same way from an editable install and from a wheel. Commands compose with the Compose API
 rather than ``@hydra.main`` so that one process can run several commands (tests do) and the
-run directory is ours to lay out (DESIGN.md §7: ``outputs/<date>/<time>_<name>/``).
+run directory is ours to lay out (``outputs/<date>/<time>_<name>/``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,31 @@ def config_dir() -> Path:
     return Path(vla.configs.__file__).resolve().parent
 
 
+# Keys that moved into the `policy` group (configs/policy/): the old top-level spelling still works,
+# forwarded per command (in `vla plan`, `seed` is the env seed, not the policy's).
+_POLICY_KEYS = ("checkpoint", "device", "use_ema", "n_action_steps", "replan_every", "temporal_ensemble",
+                "num_flow_steps", "seed")
+MOVED_KEYS: dict[str, dict[str, str]] = {
+    "eval": {**{k: f"policy.{k}" for k in _POLICY_KEYS}, "max_steps": "max_episode_steps"},
+    "serve": {k: f"policy.{k}" for k in _POLICY_KEYS if k != "temporal_ensemble"},
+    "plan": {k: f"policy.{k}" for k in ("checkpoint", "device", "use_ema", "num_flow_steps")},
+}
+
+
+def forward_moved_keys(config_name: str, overrides: list[str]) -> list[str]:
+    """``checkpoint=X`` -> ``++policy.checkpoint=X`` (and the like) for keys that moved; ``++``
+    because the chosen policy's file may not have the key (``policy=expert checkpoint=...``)."""
+    moved = MOVED_KEYS.get(config_name, {})
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and key in moved:
+            target = moved[key]
+            o = f"++{target}={value}" if target.startswith("policy.") else f"{target}={value}"
+        out.append(o)
+    return out
+
+
 def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` with Hydra command-line style overrides.
 
@@ -34,7 +59,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides or [])
+    overrides = forward_moved_keys(config_name, list(overrides or []))
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:

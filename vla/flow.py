@@ -1,4 +1,4 @@
-"""Flow-matching helpers shared by the action and frame experts (DESIGN.md §5).
+"""Flow-matching helpers shared by the action and frame experts (docs/architecture.md).
 
 Convention (pi0 / openpi): time runs from t = 1 (pure noise) to t = 0 (data).
 

@@ -1,6 +1,6 @@
 """The VLA model: a raw-patch vision-language backbone plus Mixture-of-Transformers experts.
 
-Token sequence of one sample (DESIGN.md §5), left to right::
+Token sequence of one sample (docs/architecture.md), left to right::
 
     block   tokens                                    expert   attention
     PREFIX  image patches (each view), instruction    vlm      bidirectional
@@ -264,6 +264,19 @@ class VLA(nn.Module):
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by owner: "vlm" (vision, text, plan, dense trunk), "action", "frame"."""
         return {g: list(getattr(self, g).named_parameters()) for g in ("vlm", "action", "frame") if hasattr(self, g)}
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: "decay" holds the weight matrices of linear layers; "no_decay" the biases,
+        norm scales (ndim < 2) and every ``nn.Embedding`` table (tokens, patch positions, views),
+        decided by module type, not by parameter name. Parameters keep ``named_parameters`` order
+        (optimizer states in checkpoints are indexed by it)."""
+        plain = {id(p) for mod in self.modules() for p in mod.parameters(recurse=False)
+                 if p.ndim < 2 or isinstance(mod, nn.Embedding)}
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if id(p) not in plain], "weight_decay": float(weight_decay), "name": "decay"},
+            {"params": [p for p in params if id(p) in plain], "weight_decay": 0.0, "name": "no_decay"},
+        ]
 
     # ------------------------------------------------------------------------------- embedding
     def embed_prefix(self, batch: Mapping[str, torch.Tensor]) -> Segment:

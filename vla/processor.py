@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from vla.model import VLAConfig
 from vla.normalize import Normalizer
+from vla.observation import ObservationSpec, validate_observation
 from vla.tokenizer import ByteTokenizer
 
 
@@ -170,17 +171,12 @@ class Processor:
         instructions = self._text(list(instructions), "instructions", b)
         cfg = self.config
         images, states = {}, []
+        spec = ObservationSpec.from_config(cfg)
         for i, obs in enumerate(obs_list):
-            if not isinstance(obs, Mapping) or "images" not in obs or "state" not in obs:
-                raise ValueError(f"observation {i}: expected a dict with 'images' and 'state', got "
-                                 f"{sorted(obs) if isinstance(obs, Mapping) else type(obs).__name__}")
-            for cam in cfg.cameras:
-                if cam not in obs["images"]:
-                    raise ValueError(f"observation {i}: missing camera '{cam}'; got {sorted(obs['images'])}")
-                img = np.asarray(obs["images"][cam])
+            obs = validate_observation(obs, spec, f"observation {i}")
+            for cam, img in obs["images"].items():
                 images.setdefault(cam, []).append(img if img.ndim == 4 else img[None])
-            st = np.asarray(obs["state"], dtype=np.float32)
-            states.append(st if st.ndim == 2 else st[None])
+            states.append(obs["state"] if obs["state"].ndim == 2 else obs["state"][None])
         try:
             stacked = {cam: np.stack(v) for cam, v in images.items()}  # (B, n_obs, H, W, 3)
             state = np.stack(states)  # (B, n_obs, S)

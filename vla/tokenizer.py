@@ -1,4 +1,4 @@
-"""Byte-level text tokenizer with the VLA's special tokens (DESIGN.md §5 "Text").
+"""Byte-level text tokenizer with the VLA's special tokens (docs/architecture.md "Text").
 
 Vocabulary (ids):
 

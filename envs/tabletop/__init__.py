@@ -8,7 +8,8 @@ the red cube in the drawer": open, pick, place, close). Parts:
 - `tasks`  — families, instruction templates, train/eval splits, plans, privileged layout,
 - `env`    — `TabletopEnv` (Gymnasium), success and partial-progress checks,
 - `expert` — `TabletopExpert`, scripted plan executor that emits subtask labels,
-- `measure`— expert success rates, env steps/s and pictures (``python -m vla.envs.tabletop.measure``).
+Expert success rates, env steps/s and pictures: ``python -m vla.bench.tabletop`` (it drives the
+expert through the rollout engine, so it sits with the benchmarks).
 
 `FAMILY` registers the suite with `vla.envs.registry` as ``"tabletop"``.
 """

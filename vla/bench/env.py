@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from vla.bench import parse_bench_args
+from vla.envs.rollout import Recorder
 
 DEFAULTS: dict[str, Any] = {
     "families": "all",
@@ -51,33 +52,30 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
     return parse_bench_args("env", argv, DEFAULTS, str_lists=("families", "tasks"))
 
 
-def _expert_steps(env, expert, seed: int, steps: int) -> tuple[int, float]:
-    """Step ``env`` with ``expert`` for ``steps`` steps (resetting as episodes end); (steps, seconds)."""
-    obs, info = env.reset(seed=seed)
-    expert.reset()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        action, _ = expert.act(obs, info)
-        obs, _, terminated, truncated, info = env.step(action)
-        if terminated or truncated:
-            obs, info = env.reset(seed=seed + i + 1)
-            expert.reset()
-    return steps, time.perf_counter() - t0
+def _expert_steps(family: str, task: str, env_kwargs: dict, seed: int, steps: int) -> tuple[int, float]:
+    """Run the scripted expert for ``steps`` env steps (episodes from seeds ``seed, seed+1, ...``,
+    one in-process env) through the rollout engine; (steps, seconds)."""
+    from vla.envs.pool import InProcessPool
+    from vla.envs.rollout import rollout
+    from vla.policies import ExpertPolicy
+
+    with InProcessPool(family, 1, env_kwargs) as pool:
+        pool.reset({0: (task, seed)})  # warm-up outside the timing: env construction, GL context
+        jobs = [(task, seed + k) for k in range(steps)]  # more episodes than the step budget can use
+        run = rollout(ExpertPolicy(family), pool, jobs, max_env_steps=steps)
+    return run.env_steps, run.seconds
 
 
 def step_rate(family: str, task: str, image_size: int, steps: int) -> dict[str, Any]:
     """Expert-driven steps/s without rendering, with one camera and with the default cameras."""
-    from vla.envs import get_family, make_env, make_expert
+    from vla.envs import get_family
 
     fam = get_family(family)
     out: dict[str, Any] = {"task": task, "image_size": image_size}
     variants = {"no_render": (), "1_camera": fam.default_cameras[:1], "default_cameras": fam.default_cameras}
     for name, cams in variants.items():
-        env = make_env(family, task, cameras=tuple(cams), image_size=image_size, terminate_on_success=True)
-        expert = make_expert(family, task)
-        _expert_steps(env, expert, 0, 10)  # warm-up: GL context, caches
-        n, dt = _expert_steps(env, expert, 1, steps if cams else steps * 3)
-        env.close()
+        kw = {"cameras": tuple(cams), "image_size": image_size, "terminate_on_success": True}
+        n, dt = _expert_steps(family, task, kw, 1, steps if cams else steps * 3)
         out[f"{name}_steps_per_s"] = round(n / dt, 1)
     out["default_cameras"] = list(fam.default_cameras)
     return out
@@ -103,35 +101,43 @@ def collect_rate(family: str, task: str, episodes: int, workers: int, image_size
     }
 
 
+class _Labels(Recorder):
+    """How many distinct subtask labels (runs of equal labels) each successful episode went through."""
+
+    def __init__(self) -> None:
+        self.labels: dict[int, list[str]] = {}
+        self.per_success: list[int] = []
+
+    def start(self, ep, obs, info) -> None:
+        self.labels[ep.slot] = []
+
+    def step(self, ep, obs, action, subtask, reward, next_obs, info) -> None:
+        labels = self.labels[ep.slot]
+        if not labels or labels[-1] != subtask:
+            labels.append(subtask)
+
+    def end(self, ep) -> None:
+        labels = self.labels.pop(ep.slot)
+        if ep.success:
+            self.per_success.append(len(labels))
+
+
 def _expert_success_one(family: str, task: str, episodes: int, seed_start: int) -> dict[str, Any]:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from vla.envs import make_env, make_expert
+    from vla.envs.pool import InProcessPool
+    from vla.envs.rollout import rollout
+    from vla.policies import ExpertPolicy
 
-    env = make_env(family, task, cameras=(), terminate_on_success=True)
-    expert = make_expert(family, task)
-    successes, success_steps, labels_per_ep = [], [], []
-    t0 = time.perf_counter()
-    total_steps = 0
-    for k in range(episodes):
-        obs, info = env.reset(seed=seed_start + k)
-        expert.reset()
-        labels: list[str] = []
-        done, n = False, 0
-        while not done:
-            action, label = expert.act(obs, info)
-            if not labels or labels[-1] != label:
-                labels.append(label)
-            obs, _, terminated, truncated, info = env.step(action)
-            n += 1
-            done = terminated or truncated
-        total_steps += n
-        successes.append(bool(info["success"]))
-        if info["success"]:
-            success_steps.append(n)
-            labels_per_ep.append(len(labels))
-    env.close()
+    labels = _Labels()
+    with InProcessPool(family, 1, {"cameras": (), "terminate_on_success": True}) as pool:
+        jobs = [(task, seed_start + k) for k in range(episodes)]
+        run = rollout(ExpertPolicy(family), pool, jobs, [labels])
+        env = pool.env(0)
+        limit = int(env.max_episode_steps) if hasattr(env, "max_episode_steps") else None
+    successes = [ep.success for ep in run.episodes]
+    success_steps = [ep.length for ep in run.episodes if ep.success]
     steps = np.asarray(success_steps) if success_steps else np.zeros(1)
     return {
         "success": round(float(np.mean(successes)), 3),
@@ -139,9 +145,9 @@ def _expert_success_one(family: str, task: str, episodes: int, seed_start: int) 
         "steps_mean": round(float(steps.mean()), 1),
         "steps_p95": int(np.percentile(steps, 95)),
         "steps_max": int(steps.max()),
-        "limit": int(env.max_episode_steps) if hasattr(env, "max_episode_steps") else None,
-        "min_distinct_labels": int(min(labels_per_ep)) if labels_per_ep else 0,  # over successful episodes
-        "steps_per_s": round(total_steps / (time.perf_counter() - t0), 1),
+        "limit": limit,
+        "min_distinct_labels": int(min(labels.per_success)) if labels.per_success else 0,  # over successful episodes
+        "steps_per_s": round(run.env_steps / run.seconds, 1),
     }
 
 

@@ -5,7 +5,7 @@
     vla bench train presets=[small,base] device=cuda  # the CUDA path: bf16 autocast (trainer.bf16=auto)
 
 Builds a synthetic in-memory store (random images, smooth actions) in a temp dir, sets up the
-real ``vla.train.Trainer`` (same data path, augmentation, optimizer, EMA as `vla train`) and times
+real ``vla.training.Trainer`` (same data path, augmentation, optimizer, EMA as `vla train`) and times
 ``steps`` optimizer steps after ``warmup`` untimed ones. ``data_wait_frac`` is the share of wall
 time spent waiting for the DataLoader.
 """
@@ -71,9 +71,9 @@ def make_synthetic_store(path: Path, episodes: int, length: int, cameras: int, i
 def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp: Path) -> dict[str, Any]:
     import torch
 
-    from vla import distributed as dist_utils
     from vla.config import compose
-    from vla.train import Trainer
+    from vla.training import Trainer
+    from vla.training import distributed as dist_utils
 
     steps, warmup = int(args["steps"]), int(args["warmup"])
     cfg = compose("train", [

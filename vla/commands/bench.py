@@ -24,11 +24,5 @@ def main(argv: list[str]) -> int:
     if name not in BENCHMARKS:
         print(f"vla bench: unknown benchmark '{name}'; expected one of {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
-    try:
-        module = importlib.import_module(f"vla.bench.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"vla.bench.{name}":
-            print(f"vla bench {name}: not built yet in this version", file=sys.stderr)
-            return 2
-        raise
+    module = importlib.import_module(f"vla.bench.{name}")
     return int(module.main(argv[1:]) or 0)

@@ -3,12 +3,12 @@
     vla collect env=metaworld tasks=[drawer-open-v3] episodes=40 workers=2 out=data/drawer.zarr \
         image_size=64 cameras=[corner,gripperPOV] seed_start=0 keep_failed=false
 
-Worker processes (``spawn``: a forked child would inherit the parent's GL state) each own one
-env + scripted expert per task and roll out whole episodes for the seeds the main process hands
-them; the main process alone writes, with ``vla.datasets.EpisodeWriter``, one atomic append per
-finished episode. So Ctrl-C or a killed worker loses at most the episodes in flight: every
-episode already received is in the store, and the writer closes cleanly (a lost worker's seeds
-are handed to the others).
+Episodes run through the rollout engine (``vla.envs.rollout``) with the scripted expert as the
+policy, in a pool of ``workers`` spawned env workers (``vla.envs.pool``; 0 = in-process). The main
+process alone writes, with ``vla.datasets.EpisodeWriter``, one atomic append per finished episode
+(:class:`StoreRecorder`). So Ctrl-C or a killed worker loses at most the episodes in flight: every
+episode already received is in the store, the writer closes cleanly, and a lost worker's episode
+is re-run from its seed on a restarted worker.
 
 Seeds. Episode ``k`` of a task uses seed ``seed_start + k`` (the seed fixes the object/goal
 layout and the sampled instruction), within ``[COLLECT_SEED_START, EVAL_SEED_START)`` so that
@@ -22,14 +22,9 @@ the reward and the success flag after the action; each episode its instruction, 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import sys
-import threading
 import time
-import traceback
-from collections import OrderedDict, defaultdict, deque
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
@@ -42,115 +37,55 @@ USAGE = """usage: vla collect [key=value ...]   (Hydra overrides of configs/coll
 """
 
 
-# -- one episode (runs in workers, or in-process with workers=0) ---------------------------------
+# -- the store recorder ---------------------------------------------------------------------------
 
 
-def rollout(env: Any, expert: Any, task: str, seed: int) -> dict[str, Any]:
-    """Run one expert episode from ``env.reset(seed=seed)``; returns the arrays to store."""
-    obs, info = env.reset(seed=seed)
-    expert.reset()
-    actions, states, subtasks, rewards, successes = [], [], [], [], []
-    images: dict[str, list[np.ndarray]] = defaultdict(list)
-    instruction = info["instruction"]
-    success = False
-    while True:
-        action, label = expert.act(obs, info)
+class StoreRecorder:
+    """Rollout recorder (:class:`vla.envs.rollout.Recorder`) that keeps each step's observation,
+    the expert's action and subtask label, reward and success, and appends every finished episode
+    that ``plan`` keeps to ``writer`` (one atomic append each)."""
+
+    def __init__(self, writer: Any, plan: _Plan, on_stored=None) -> None:
+        self.writer = writer
+        self.plan = plan
+        self.on_stored = on_stored
+        self._steps: dict[int, dict[str, Any]] = {}  # slot -> arrays of the running episode
+
+    def start(self, ep, obs, info) -> None:
+        self._steps[ep.slot] = {"action": [], "state": [], "subtasks": [], "reward": [], "success": [],
+                                "images": defaultdict(list)}
+
+    def step(self, ep, obs, action, subtask, reward, next_obs, info) -> None:
+        s = self._steps[ep.slot]
         for cam, img in obs["images"].items():
-            images[cam].append(img)
-        states.append(obs["state"])
-        actions.append(np.asarray(action, np.float32))
-        subtasks.append(str(label))
-        obs, reward, terminated, truncated, info = env.step(action)
-        rewards.append(float(reward))
-        successes.append(bool(info["success"]))
-        success = success or bool(info["success"])
-        if terminated or truncated:
-            break
-    return {
-        "task": task,
-        "seed": int(seed),
-        "instruction": instruction,
-        "success": success,
-        "episode": {
-            "action": np.stack(actions),  # (T, A)
-            "state": np.stack(states).astype(np.float32),  # (T, S)
-            "images": {cam: np.stack(frames) for cam, frames in images.items()},  # {cam: (T, H, W, 3)}
-            "subtasks": subtasks,
-            "instruction": instruction,
-            "task": task,
-            "seed": int(seed),
-            "reward": np.asarray(rewards, np.float32),  # (T,)
-            "success": np.asarray(successes, bool),  # (T,)
-        },
-    }
+            s["images"][cam].append(img)
+        s["state"].append(obs["state"])
+        s["action"].append(np.asarray(action, np.float32))
+        s["subtasks"].append(str(subtask))
+        s["reward"].append(float(reward))
+        s["success"].append(bool(info["success"]))
 
+    def end(self, ep) -> None:
+        s = self._steps.pop(ep.slot)
+        if not self.plan.finished(ep.task, ep.success):
+            return
+        episode = {
+            "action": np.stack(s["action"]),  # (T, A)
+            "state": np.stack(s["state"]).astype(np.float32),  # (T, S)
+            "images": {cam: np.stack(frames) for cam, frames in s["images"].items()},  # {cam: (T, H, W, 3)}
+            "subtasks": s["subtasks"],
+            "instruction": ep.instruction,
+            "task": ep.task,
+            "seed": int(ep.seed),
+            "reward": np.asarray(s["reward"], np.float32),  # (T,)
+            "success": np.asarray(s["success"], bool),  # (T,)
+        }
+        self.writer.add_episode(**episode)
+        if self.on_stored is not None:
+            self.on_stored(len(episode["action"]))
 
-class _EpisodeRunner:
-    """Keeps the env + expert of the last few tasks (making a MetaWorld env costs ~0.2-1 s; tasks
-    are handed out mostly one after another, and each env holds a GL context, so few are kept)."""
-
-    def __init__(self, family: str, env_kwargs: dict[str, Any], keep: int = 2) -> None:
-        self.family = family
-        self.env_kwargs = env_kwargs
-        self.keep = keep
-        self._envs: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
-
-    def run(self, task: str, seed: int) -> dict[str, Any]:
-        from vla.envs import make_env, make_expert
-
-        if task not in self._envs:
-            self._envs[task] = (make_env(self.family, task, **self.env_kwargs), make_expert(self.family, task))
-            while len(self._envs) > self.keep:
-                _, (old_env, _) = self._envs.popitem(last=False)
-                old_env.close()
-        self._envs.move_to_end(task)
-        env, expert = self._envs[task]
-        return rollout(env, expert, task, seed)
-
-    def close(self) -> None:
-        for env, _ in self._envs.values():
-            with contextlib.suppress(Exception):
-                env.close()
-        self._envs.clear()
-
-
-# Crash-test hook (tests only): with VLA_COLLECT_KILL_ONCE="<seed>:<marker path>" the first worker
-# handed that seed dies at once (os._exit), as if killed, and leaves the marker so it happens once.
-_KILL_ENV = "VLA_COLLECT_KILL_ONCE"
-
-
-def _crash_test_hook(seed: int) -> None:
-    spec = os.environ.get(_KILL_ENV)
-    if not spec:
-        return
-    kill_seed, _, marker = spec.partition(":")
-    if int(kill_seed) == seed and marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
-
-
-def _worker_main(wid: int, family: str, env_kwargs: dict, jobs, results) -> None:
-    # The main process handles Ctrl-C and tells workers to stop; a worker ignores SIGINT so an
-    # interrupt never kills it halfway through sending an episode. ``results`` is this worker's own
-    # pipe, written synchronously: a worker killed mid-send can only truncate its own channel, which
-    # the main process then reads as end-of-file (a shared queue would be left holding half a message).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    runner = _EpisodeRunner(family, env_kwargs)
-    try:
-        while True:
-            job = jobs.get()
-            if job is None:
-                break
-            task, seed = job
-            _crash_test_hook(seed)
-            try:
-                results.send(("episode", wid, job, runner.run(task, seed)))
-            except Exception:
-                results.send(("error", wid, job, traceback.format_exc()))
-                break
-    finally:
-        runner.close()
-        results.close()
+    def discard(self, ep) -> None:
+        self._steps.pop(ep.slot, None)
 
 
 # -- the collection loop (main process) ----------------------------------------------------------
@@ -325,29 +260,32 @@ def collect(cfg) -> dict[str, Any]:
     t0 = time.perf_counter()
     status = "done"
 
-    def store(result: dict[str, Any]) -> None:
+    def stored(n_frames: int) -> None:
         nonlocal frames, first
-        if plan.finished(result["task"], result["success"]):
-            writer.add_episode(**result["episode"])
-            frames += len(result["episode"]["action"])
-            bar.update(1)
-            if first is None:
-                first = (time.perf_counter() - t0, frames)
+        frames += n_frames
+        bar.update(1)
+        if first is None:
+            first = (time.perf_counter() - t0, frames)
         bar.set_postfix(failed=sum(plan.failed.values()), fps=f"{frames / max(time.perf_counter() - t0, 1e-6):.0f}")
 
+    from vla.envs.pool import make_pool
+    from vla.envs.rollout import rollout
+    from vla.policies import ExpertPolicy
+
+    pool = None
     try:
-        if s["workers"] == 0:
-            runner = _EpisodeRunner(s["family"], s["env_kwargs"])
-            try:
-                while (job := plan.next_job()) is not None:
-                    store(runner.run(*job))
-            finally:
-                runner.close()
-        else:
-            status = _run_workers(s, plan, store)
+        pool = make_pool(s["family"], max(1, s["workers"]), s["env_kwargs"], workers=s["workers"] > 0)
+        result = rollout(ExpertPolicy(s["family"]), pool, plan, [StoreRecorder(writer, plan, stored)],
+                         lockstep=False)  # the expert acts per env: a fast worker never waits
+        for slot, code in getattr(pool, "lost", []):
+            print(f"vla collect: worker {slot} died (exit code {code}); its episode was re-run", file=sys.stderr)
+        if result.status == "workers lost":
+            status = "workers died"
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
+        if pool is not None:
+            pool.close()
         bar.close()
         writer.close()
     elapsed = time.perf_counter() - t0
@@ -374,108 +312,6 @@ def collect(cfg) -> dict[str, Any]:
         summary["status"] = "incomplete"
         summary["short_tasks"] = {t: plan.kept[t] for t in short}
     return summary
-
-
-def _run_workers(s: dict[str, Any], plan: _Plan, store) -> str:
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
-
-    ctx = mp.get_context("spawn")
-    n = s["workers"]
-    jobs = [ctx.Queue() for _ in range(n)]
-    pipes = [ctx.Pipe(duplex=False) for _ in range(n)]  # (reader, writer) per worker
-    readers = [r for r, _ in pipes]
-    procs = [
-        ctx.Process(target=_worker_main, args=(i, s["family"], s["env_kwargs"], jobs[i], pipes[i][1]), daemon=True)
-        for i in range(n)
-    ]
-    # Workers inherit SIGINT=ignored from the moment they start (a spawned child keeps ignored
-    # signals across exec), so a Ctrl-C during their start-up cannot kill them either.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
-    for _, writer in pipes:
-        writer.close()  # each worker now holds the only write end of its pipe: its death reads as EOF
-    assigned: dict[int, list[tuple[str, int]]] = {i: [] for i in range(n)}
-    alive = set(range(n))
-    depth = 2  # jobs queued per worker, so a worker never waits for the main process
-
-    def dispatch() -> None:
-        for i in sorted(alive):
-            while len(assigned[i]) < depth and (job := plan.next_job()) is not None:
-                assigned[i].append(job)
-                jobs[i].put(job)
-
-    def handle(msg) -> None:
-        kind, wid, job, payload = msg
-        if job in assigned.get(wid, []):
-            assigned[wid].remove(job)
-        if kind == "error":
-            raise RuntimeError(f"collect worker {wid} failed on task {job[0]} seed {job[1]}:\n{payload}")
-        store(payload)
-
-    def worker_died(i: int) -> None:
-        procs[i].join(timeout=1.0)
-        alive.discard(i)
-        for job in assigned.pop(i):
-            plan.lost(job)
-        print(f"vla collect: worker {i} died (exit code {procs[i].exitcode}); {len(alive)} left", file=sys.stderr)
-
-    def receive(timeout: float) -> list:
-        """Messages from the live workers ready within ``timeout``; a closed pipe marks its worker dead."""
-        msgs = []
-        for r in wait([readers[i] for i in sorted(alive)], timeout=timeout):
-            i = readers.index(r)
-            try:
-                msgs.append(r.recv())
-            except (EOFError, OSError):  # the worker is gone, possibly halfway through a message
-                worker_died(i)
-        return msgs
-
-    status = "done"
-    try:
-        dispatch()
-        while any(assigned[i] for i in alive):
-            msgs = receive(timeout=1.0)
-            for msg in msgs:
-                handle(msg)
-            if not msgs:
-                for i in list(alive):
-                    if not procs[i].is_alive():
-                        worker_died(i)
-            if not alive:
-                status = "workers died"
-                break
-            dispatch()
-    except KeyboardInterrupt:
-        status = "interrupted"
-        # Keep what already arrived: drain finished episodes for a moment, then stop.
-        with contextlib.suppress(KeyboardInterrupt):
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline and alive:
-                for msg in receive(timeout=0.2):
-                    if msg[0] == "episode":
-                        store(msg[3])
-    finally:
-        for i in alive:
-            with contextlib.suppress(Exception):
-                jobs[i].put(None)
-        for p in procs:
-            # Finished normally: workers exit on the sentinel. Interrupted: nothing left to wait for.
-            p.join(timeout=2.0 if status == "done" else 0.1)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=2.0)
-        for r in readers:
-            r.close()
-        for q in jobs:
-            q.cancel_join_thread()
-    return status
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -54,38 +54,29 @@ def build_policy(cfg: Any) -> tuple[Any, str, list[str], dict[str, Any]]:
     env_kwargs: dict[str, Any] = {}
     if env_group and env_group.get("max_episode_steps"):
         env_kwargs["max_episode_steps"] = int(env_group.max_episode_steps)
-    if cfg.policy == "expert":
+    from vla.policies import make_policy
+
+    pcfg = OmegaConf.to_container(cfg.policy, resolve=True)
+    if pcfg["name"] == "expert":
         if not env or not tasks:
             raise ValueError("policy=expert needs env=FAMILY and tasks=[...] (no checkpoint to take them from)")
-        from vla.policies import ExpertPolicy
-
         if env_group.get("cameras"):
             env_kwargs["cameras"] = tuple(env_group.cameras)
         if env_group.get("image_size"):
             env_kwargs["image_size"] = int(env_group.image_size)
-        return ExpertPolicy(env), env, tasks, env_kwargs
-    if cfg.policy != "vla":
-        raise ValueError(f"policy: expected 'vla' or 'expert', got {cfg.policy!r}")
-    if not cfg.get("checkpoint"):
-        raise ValueError("policy=vla needs checkpoint=PATH (a run dir, its checkpoints dir or a step folder)")
-    from vla.policies import VLAPolicy
-
-    policy = VLAPolicy.from_checkpoint(
-        cfg.checkpoint,
-        device=cfg.device,
-        n_action_steps=cfg.n_action_steps,
-        replan_every=cfg.replan_every,
-        temporal_ensemble=cfg.temporal_ensemble,
-        num_flow_steps=cfg.num_flow_steps,
-        seed=cfg.seed,
-        use_ema=cfg.use_ema,
-    )
+        return make_policy(pcfg, family=env), env, tasks, env_kwargs
+    policy = make_policy(pcfg, family=env)
+    if pcfg["name"] == "remote":
+        if not env or not tasks:
+            raise ValueError("policy=remote needs env=FAMILY and tasks=[...] (the server does not say them)")
+        return policy, env, tasks, {**env_kwargs, **policy.env_kwargs()}
     ck_env, ck_tasks = checkpoint_env_and_tasks(policy.train_config)
     env = env or ck_env
     tasks = tasks or ck_tasks
     if not env or not tasks:
         raise ValueError(
-            f"checkpoint {cfg.checkpoint} does not say which env/tasks it was trained on; pass env=FAMILY tasks=[...]"
+            f"checkpoint {pcfg['checkpoint']} does not say which env/tasks it was trained on; "
+            "pass env=FAMILY tasks=[...]"
         )
     return policy, env, tasks, {**env_kwargs, **policy.env_kwargs()}
 
@@ -112,7 +103,7 @@ def main(argv: list[str]) -> int:
             n_envs=int(cfg.n_envs),
             seed_start=cfg.seed_start,
             instruction_split=cfg.instruction_split,
-            max_steps=cfg.max_steps,
+            max_steps=cfg.max_episode_steps,
             video_dir=run_dir / "videos" if int(cfg.videos) > 0 else None,
             videos_per_task=int(cfg.videos),
             env_kwargs=env_kwargs,
@@ -122,8 +113,8 @@ def main(argv: list[str]) -> int:
         )
     finally:
         policy.close()
-    result["checkpoint"] = None if cfg.policy == "expert" else str(cfg.checkpoint)
-    title = f"{cfg.policy} on {env}, seeds {result['seed_start']}..{result['seed_end']}"
+    result["checkpoint"] = cfg.policy.get("checkpoint") and str(cfg.policy.checkpoint)
+    title = f"{cfg.policy.name} on {env}, seeds {result['seed_start']}..{result['seed_end']}"
     paths = write_outputs(result, run_dir, chart_title=title)
     print(format_table(result))
     tp = result["throughput"]

@@ -109,14 +109,16 @@ def main(argv: list[str]) -> int:
         print(OmegaConf.to_yaml(compose("plan", [])))
         return 0
     cfg = compose("plan", quote_free_text(argv))
-    if not cfg.checkpoint:
+    pcfg = OmegaConf.to_container(cfg.policy, resolve=True)
+    if pcfg["name"] != "vla":
+        raise ValueError(f"vla plan decodes a checkpoint's plan: expected policy=vla, got policy={pcfg['name']}")
+    if not pcfg.get("checkpoint"):
         raise ValueError("vla plan needs checkpoint=PATH (a run dir, its checkpoints dir or a step folder)")
-    from vla.policies import VLAPolicy
+    from vla.policies import make_policy
 
-    policy = VLAPolicy.from_checkpoint(cfg.checkpoint, device=cfg.device, num_flow_steps=cfg.num_flow_steps,
-                                       seed=cfg.noise_seed, use_ema=cfg.use_ema)
+    policy = make_policy({**pcfg, "seed": cfg.noise_seed})
     if not policy.cfg.planner:
-        raise ValueError(f"checkpoint {cfg.checkpoint} was trained with planner=off: it has no plan to decode")
+        raise ValueError(f"checkpoint {pcfg['checkpoint']} was trained with planner=off: it has no plan to decode")
     obs, instruction = scene_from_config(cfg, policy)
     chunk = policy.predict_chunk(obs, instruction)
     print(f"instruction: {instruction}")

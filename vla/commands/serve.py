@@ -22,19 +22,20 @@ def main(argv: list[str]) -> int:
         print(OmegaConf.to_yaml(compose("serve", [])))
         return 0
     cfg = compose("serve", argv)
-    if not cfg.checkpoint:
+    pcfg = OmegaConf.to_container(cfg.policy, resolve=True)
+    if pcfg["name"] != "vla":
+        raise ValueError(f"vla serve serves a checkpoint: expected policy=vla, got policy={pcfg['name']}")
+    if not pcfg.get("checkpoint"):
         raise ValueError("vla serve needs checkpoint=PATH (a run dir, its checkpoints dir or a step folder)")
     if not 0 <= int(cfg.port) < 65536:
         raise ValueError(f"port: expected 0..65535, got {cfg.port}")
     if float(cfg.max_message_mb) <= 0:
         raise ValueError(f"max_message_mb: expected > 0, got {cfg.max_message_mb}")
-    from vla.policies import VLAPolicy
+    from vla.policies import make_policy
     from vla.serving import PolicyServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    policy = VLAPolicy.from_checkpoint(cfg.checkpoint, device=cfg.device, n_action_steps=cfg.n_action_steps,
-                                       replan_every=cfg.replan_every, num_flow_steps=cfg.num_flow_steps,
-                                       seed=cfg.seed, use_ema=cfg.use_ema)
+    policy = make_policy(pcfg)
     server = PolicyServer(policy, host=cfg.host, port=int(cfg.port),
                           max_message_bytes=int(float(cfg.max_message_mb) * 1024 * 1024))
     try:
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {e}") from None
     meta = server.metadata
-    print(f"serving {cfg.checkpoint} on ws://{cfg.host}:{server.port} (health: http://{cfg.host}:{server.port}/healthz)")
+    print(f"serving {pcfg['checkpoint']} on ws://{cfg.host}:{server.port} (health: http://{cfg.host}:{server.port}/healthz)")
     print(f"cameras {meta['cameras']}, state_dim {meta['state_dim']}, action_dim {meta['action_dim']}, "
           f"horizon {meta['horizon']}", flush=True)
     try:

@@ -13,7 +13,7 @@ other, under ``outputs/multirun/<date>/<time>_<name>/<job>/``; a failed job is r
 sweep goes on. With ``eval.every`` set, each job evaluates itself and the sweep ends with
 `vla report` over all jobs (``report.md``, ``report.png`` in the sweep folder).
 
-The loop is ``vla.train.train``; the config is ``configs/train.yaml``.
+The loop is ``vla.training.train``; the config is ``configs/train.yaml``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     if show:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    from vla.train import train
+    from vla.training import train
 
     run_dir = train(cfg)
     import os

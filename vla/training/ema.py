@@ -1,6 +1,6 @@
 """Exponential moving average of model weights, with a warmup of the decay.
 
-The training loop (``vla.train``) keeps one ``EMA`` next to the model and checkpoints both
+The training loop (``vla.training``) keeps one ``EMA`` next to the model and checkpoints both
 (``model.safetensors`` and ``ema.safetensors``); policies load the EMA weights by default.
 
 The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` (n = number of updates), the schedule
@@ -82,15 +82,3 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.num_updates = int(state["num_updates"])
-
-    @torch.no_grad()
-    def load_shadow(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Set the shadow from a name -> tensor mapping (names must match the tracked ones)."""
-        missing = sorted(set(self.shadow) - set(tensors))
-        if missing:
-            raise ValueError(f"ema weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
-        for name, s in self.shadow.items():
-            src = tensors[name]
-            if src.shape != s.shape:
-                raise ValueError(f"ema tensor '{name}': expected shape {tuple(s.shape)}, got {tuple(src.shape)}")
-            s.copy_(src.to(s.device, torch.float32))

@@ -8,10 +8,11 @@ collection seeds) and returns a JSON-ready dict:
 - per episode: task, seed, instruction, success, length, the policy's final plan;
 - throughput: env steps, wall time, env steps/s.
 
-Rollouts are vectorized: ``n_envs > 1`` runs the sub-environments in spawned worker processes
-(``vla.envs.make_vector_env``, gymnasium ``AsyncVectorEnv`` with autoreset disabled so every
-episode starts from its own seed) and the policy is queried once per step for all envs that need
-a new action chunk (``Policy.act_batch``); ``n_envs == 1`` runs one env in-process. An episode
+Rollouts go through the one rollout engine (``vla.envs.rollout``): ``n_envs > 1`` runs the envs
+in spawned worker processes (``vla.envs.pool.ProcessPool``; every episode starts from its own
+seed; a worker lost mid-episode is restarted and its episode re-run) and the policy is queried
+once per step for all envs that need a new action chunk (``Policy.act_batch``); ``n_envs == 1``
+runs one env in-process. An episode
 succeeds when ``info["success"]`` is true at any step and ends right there (no time wasted on
 the rest of the horizon); otherwise it ends at termination, truncation or ``max_steps``.
 
@@ -27,11 +28,15 @@ import json
 import math
 import os
 import time
-from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from vla.envs.rollout import Recorder
+
+if TYPE_CHECKING:
+    from vla.policies.base import PolicyProtocol
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -202,110 +207,66 @@ def plot_success_chart(result: dict, path: str | os.PathLike, title: str | None 
     return path
 
 
-# ---- environment pools --------------------------------------------------------------------------
-def _split_infos(infos: dict, n: int) -> list[dict]:
-    """Gymnasium vector infos (dict of arrays + ``_key`` masks) -> one dict per sub-env."""
-    out: list[dict] = [{} for _ in range(n)]
-    for key, value in infos.items():
-        if key.startswith("_"):
-            continue
-        mask = infos.get("_" + key)
-        if isinstance(value, dict):
-            for i, sub in enumerate(_split_infos(value, n)):
-                if sub and (mask is None or mask[i]):
-                    out[i][key] = sub
-            continue
-        for i in range(n):
-            if mask is None or mask[i]:
-                v = value[i]
-                out[i][key] = v.item() if isinstance(v, np.generic) else v
-    return out
+# ---- recorders ----------------------------------------------------------------------------------
+class EpisodeRecords(Recorder):
+    """Rollout recorder: one JSON-ready record per finished episode, and the progress bar."""
+
+    def __init__(self, policy: PolicyProtocol, bar: Any = None) -> None:
+        self.policy = policy
+        self.bar = bar
+        self.records: list[dict] = []
+
+    def end(self, ep) -> None:
+        self.records.append({"task": ep.task, "seed": ep.seed, "instruction": ep.instruction,
+                             "success": ep.success, "length": ep.length,
+                             "final_plan": self.policy.current_plan(ep.slot)})
+        if self.bar is not None:
+            done = [r for r in self.records if r["task"] == ep.task]
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{ep.task} {sum(r['success'] for r in done)}/{len(done)}")
 
 
-def _split_obs(obs: Any, i: int) -> dict:
-    if isinstance(obs, dict):
-        return {k: _split_obs(v, i) for k, v in obs.items()}
-    return obs[i]
+class VideoRecorder(Recorder):
+    """Rollout recorder: an mp4 of the first ``per_task`` seeds of each task (``seed < first_seed +
+    per_task``), the policy's cameras under a band with the instruction and current subtask."""
+
+    def __init__(self, policy: PolicyProtocol, video_dir: Path, first_seed: int, per_task: int, fps: int = 20) -> None:
+        self.policy = policy
+        self.video_dir = Path(video_dir)
+        self.first_seed = first_seed
+        self.per_task = per_task
+        self.fps = fps
+        self.frames: dict[int, list[np.ndarray]] = {}
+        self.paths: list[str] = []
+
+    def _frame(self, ep, obs: dict) -> None:
+        if ep.slot in self.frames:
+            subtask = self.policy.current_subtask(ep.slot)
+            self.frames[ep.slot].append(
+                render_frame(obs["images"], ep.instruction, subtask, step=ep.length, success=ep.success)
+            )
+
+    def start(self, ep, obs, info) -> None:
+        if ep.seed - self.first_seed < self.per_task:
+            self.frames[ep.slot] = []
+            self._frame(ep, obs)
+
+    def step(self, ep, obs, action, subtask, reward, next_obs, info) -> None:
+        self._frame(ep, next_obs)
+
+    def end(self, ep) -> None:
+        frames = self.frames.pop(ep.slot, None)
+        if frames:
+            path = self.video_dir / f"{ep.task}_seed{ep.seed}_{'success' if ep.success else 'fail'}.mp4"
+            self.paths.append(str(write_video(frames, path, fps=self.fps)))
+
+    def discard(self, ep) -> None:
+        self.frames.pop(ep.slot, None)
 
 
-class _SyncPool:
-    """One in-process env per slot; only active slots are stepped."""
-
-    def __init__(self, family: str, task: str, n: int, env_kwargs: dict) -> None:
-        from vla.envs import make_env
-
-        self.envs = [make_env(family, task, **env_kwargs) for _ in range(n)]
-        self.n = n
-
-    def reset(self, indices: list[int], seeds: list[int]) -> dict[int, tuple[dict, dict]]:
-        return {i: self.envs[i].reset(seed=int(s)) for i, s in zip(indices, seeds)}
-
-    def step(self, actions: dict[int, np.ndarray]) -> dict[int, tuple]:
-        return {i: self.envs[i].step(a) for i, a in actions.items()}
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
-
-
-class _AsyncPool:
-    """``make_vector_env`` workers (spawn) with autoreset disabled; resets are masked per env.
-
-    Every worker steps on every call (gymnasium's vector API); idle workers get a zero action and
-    their results are dropped, and an idle worker whose episode ran out is reset so it never steps
-    past its time limit.
-    """
-
-    def __init__(self, family: str, task: str, n: int, env_kwargs: dict, seeds: list[int]) -> None:
-        from vla.envs import make_vector_env
-
-        self.venv = make_vector_env(family, [task] * n, seeds=list(seeds), **env_kwargs)
-        self.n = n
-        self.action_dim = int(np.prod(self.venv.single_action_space.shape))
-        self._seeds = [int(s) for s in seeds]
-        self._needs_reset = np.zeros(n, bool)
-
-    def reset(self, indices: list[int], seeds: list[int]) -> dict[int, tuple[dict, dict]]:
-        mask = np.zeros(self.n, bool)
-        mask[indices] = True
-        mask |= self._needs_reset
-        all_seeds: list[int | None] = [None] * self.n
-        for i, s in zip(indices, seeds):
-            all_seeds[i] = int(s)
-            self._seeds[i] = int(s)
-        for i in np.flatnonzero(self._needs_reset & ~np.isin(np.arange(self.n), indices)):
-            all_seeds[i] = self._seeds[i]  # idle worker: replay its last seed, results ignored
-        self._needs_reset[:] = False
-        obs, infos = self.venv.reset(seed=all_seeds, options={"reset_mask": mask})
-        info_list = _split_infos(infos, self.n)
-        return {i: (_split_obs(obs, i), info_list[i]) for i in indices}
-
-    def step(self, actions: dict[int, np.ndarray]) -> dict[int, tuple]:
-        batch = np.zeros((self.n, self.action_dim), np.float32)  # (N, A)
-        for i, a in actions.items():
-            batch[i] = a
-        obs, rew, term, trunc, infos = self.venv.step(batch)
-        info_list = _split_infos(infos, self.n)
-        done = np.asarray(term) | np.asarray(trunc)
-        for i in range(self.n):
-            if i not in actions and done[i]:
-                self._needs_reset[i] = True
-        if self._needs_reset.any():  # reset idle workers now, before anyone steps them again
-            self.reset([], [])
-        return {i: (_split_obs(obs, i), float(rew[i]), bool(term[i]), bool(trunc[i]), info_list[i]) for i in actions}
-
-    def mark_idle(self, i: int) -> None:
-        """An episode in worker ``i`` ended and no job follows: reset it so idle steps stay legal."""
-        self._needs_reset[i] = True
-        self.reset([], [])
-
-    def close(self) -> None:
-        self.venv.close()
-
-
-# ---- the rollout engine -------------------------------------------------------------------------
+# ---- evaluation ---------------------------------------------------------------------------------
 def run_evaluation(
-    policy: Any,
+    policy: PolicyProtocol,
     family: str,
     tasks: list[str],
     episodes_per_task: int,
@@ -326,13 +287,15 @@ def run_evaluation(
     ``env_kwargs`` go to ``make_env`` (cameras, image_size...; a VLA policy's ``env_kwargs()``
     builds the env the model was trained on). Episode ``i`` of a task uses seed ``seed_start + i``
     for every task, so two policies evaluated with the same arguments see the same scenes.
-    ``sync_chunks`` (vector envs): envs with at most half a queue left join a model call made for
+    ``sync_chunks`` (several envs): envs with at most half a queue left join a model call made for
     another env (``Policy.refill_below``), so batches stay full after episodes end at different steps.
     ``torch_threads``: intra-op threads for the policy during the rollouts; ``None`` = 1 when
     ``n_envs > 1`` (the env workers need the other cores: on 2 cores a tiny VLA with 4 envs ran
     ~1.5x faster with 1 thread than with 2), else unchanged.
     """
     from vla.envs import EVAL_SEED_START
+    from vla.envs.pool import make_pool
+    from vla.envs.rollout import rollout
 
     if isinstance(tasks, str):
         tasks = [tasks]
@@ -349,17 +312,20 @@ def run_evaluation(
     if max_steps is not None:
         env_kwargs.setdefault("max_episode_steps", int(max_steps))
     video_dir = None if video_dir is None or videos_per_task <= 0 else Path(video_dir)
+    jobs = [(task, seed_start + k) for task in tasks for k in range(int(episodes_per_task))]
+    n = min(int(n_envs), len(jobs))
 
     t_start = time.perf_counter()
-    episodes: list[dict] = []
-    videos: list[str] = []
-    rollout_s = 0.0
-    env_steps = 0
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(tasks) * int(episodes_per_task), desc="eval", unit="ep", dynamic_ncols=True)
+        bar = tqdm(total=len(jobs), desc="eval", unit="ep", dynamic_ncols=True)
+    records = EpisodeRecords(policy, bar)
+    recorders: list[Any] = [records]
+    if video_dir is not None:
+        videos = VideoRecorder(policy, video_dir, seed_start, int(videos_per_task), video_fps)
+        recorders.append(videos)
     import torch
 
     saved_threads = torch.get_num_threads()
@@ -369,21 +335,16 @@ def run_evaluation(
     if sync_chunks and n_envs > 1 and saved_refill is not None:
         policy.refill_below = max(saved_refill, policy.n_action_steps // 2)
     try:
-        for task in tasks:
-            eps, vids, steps, secs = _evaluate_task(
-                policy, family, task, int(episodes_per_task), int(n_envs), seed_start, max_steps,
-                video_dir, int(videos_per_task), env_kwargs, video_fps, bar,
-            )
-            episodes += eps
-            videos += vids
-            env_steps += steps
-            rollout_s += secs
+        with make_pool(family, n, env_kwargs, workers=n > 1) as pool:
+            run = rollout(policy, pool, jobs, recorders, max_steps=max_steps, end_on_success=True)
     finally:
         torch.set_num_threads(saved_threads)
         if saved_refill is not None:
             policy.refill_below = saved_refill
         if bar is not None:
             bar.close()
+    order = {job: k for k, job in enumerate(jobs)}
+    episodes = sorted(records.records, key=lambda r: order[(r["task"], r["seed"])])
     wall = time.perf_counter() - t_start
     result = {
         "family": family,
@@ -398,118 +359,21 @@ def run_evaluation(
         "env_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in env_kwargs.items()},
         **summarize(episodes, tasks),
         "episodes": episodes,
-        "videos": videos,
+        "videos": sorted(videos.paths) if video_dir is not None else [],
+        # episodes whose env worker was lost and that were run again from their seed, and those
+        # that could not be run at all (every worker lost): reported, never dropped in silence
+        "rerun_episodes": [{"task": t, "seed": s} for t, s in run.rerun],
+        "unfinished_episodes": [{"task": t, "seed": s} for t, s in run.unfinished],
         "throughput": {
-            "env_steps": env_steps,
+            "env_steps": run.env_steps,
             "wall_s": wall,
-            "rollout_s": rollout_s,
-            "env_steps_per_s": env_steps / wall if wall > 0 else 0.0,
-            "rollout_env_steps_per_s": env_steps / rollout_s if rollout_s > 0 else 0.0,
+            "rollout_s": run.seconds,
+            "env_steps_per_s": run.env_steps / wall if wall > 0 else 0.0,
+            "rollout_env_steps_per_s": run.env_steps / run.seconds if run.seconds > 0 else 0.0,
             "torch_threads": max(1, threads),
         },
     }
     return result
-
-
-def _evaluate_task(
-    policy: Any,
-    family: str,
-    task: str,
-    n_episodes: int,
-    n_envs: int,
-    seed_start: int,
-    max_steps: int | None,
-    video_dir: Path | None,
-    videos_per_task: int,
-    env_kwargs: dict,
-    video_fps: int,
-    bar: Any,
-) -> tuple[list[dict], list[str], int, float]:
-    n = min(n_envs, n_episodes)
-    seeds = [seed_start + k for k in range(n_episodes)]
-    pool: _SyncPool | _AsyncPool
-    pool = _SyncPool(family, task, 1, env_kwargs) if n == 1 else _AsyncPool(family, task, n, env_kwargs, seeds[:n])
-    t0 = time.perf_counter()
-    jobs = deque(enumerate(seeds))  # (episode index within task, seed)
-    records: list[dict | None] = [None] * n_episodes
-    videos: list[str] = []
-    slot_ep: list[dict | None] = [None] * n  # the running episode of each slot
-    obs: dict[int, dict] = {}
-    infos: dict[int, dict] = {}
-    steps_total = 0
-    policy.reset()
-
-    def start(indices: list[int]) -> None:
-        assigned = [(i, jobs.popleft()) for i in indices if jobs]
-        if not assigned:
-            return
-        results = pool.reset([i for i, _ in assigned], [s for _, (_, s) in assigned])
-        for i, (k, seed) in assigned:
-            o, info = results[i]
-            obs[i], infos[i] = o, info
-            instruction = str(info.get("instruction", ""))
-            if not instruction:
-                raise ValueError(f"env {family}/{task} seed {seed}: reset info has no 'instruction'")
-            slot_ep[i] = {"index": k, "task": task, "seed": int(seed), "instruction": instruction,
-                          "success": bool(info.get("success", False)), "length": 0,
-                          "frames": [] if video_dir is not None and k < videos_per_task else None}
-            policy.reset(i)
-            _record_frame(slot_ep[i], o, policy, i)
-
-    start(list(range(n)))
-    try:
-        while any(ep is not None for ep in slot_ep):
-            active = [i for i in range(n) if slot_ep[i] is not None]
-            actions = policy.act_batch(
-                [obs[i] for i in active], [slot_ep[i]["instruction"] for i in active],
-                [infos[i] for i in active], env_indices=active,
-            )  # (len(active), A)
-            results = pool.step({i: actions[k] for k, i in enumerate(active)})
-            finished = []
-            for i in active:
-                o, _rew, term, trunc, info = results[i]
-                ep = slot_ep[i]
-                obs[i], infos[i] = o, info
-                ep["length"] += 1
-                steps_total += 1
-                ep["success"] = ep["success"] or bool(info.get("success", False))
-                _record_frame(ep, o, policy, i)
-                if ep["success"] or term or trunc or (max_steps is not None and ep["length"] >= max_steps):
-                    finished.append(i)
-            for i in finished:
-                ep = slot_ep[i]
-                plan = policy.current_plan(i)
-                frames = ep.pop("frames")
-                records[ep["index"]] = {"task": task, "seed": ep["seed"], "instruction": ep["instruction"],
-                                        "success": ep["success"], "length": ep["length"], "final_plan": plan}
-                if frames:
-                    path = video_dir / f"{task}_seed{ep['seed']}_{'success' if ep['success'] else 'fail'}.mp4"
-                    videos.append(str(write_video(frames, path, fps=video_fps)))
-                slot_ep[i] = None
-                policy.reset(i)
-                if bar is not None:
-                    done = [r for r in records if r is not None]
-                    bar.update(1)
-                    bar.set_postfix_str(f"{task} {sum(r['success'] for r in done)}/{len(done)}")
-            if finished:
-                start(finished)
-                if isinstance(pool, _AsyncPool):
-                    for i in finished:
-                        if slot_ep[i] is None:
-                            pool.mark_idle(i)
-    finally:
-        pool.close()
-    secs = time.perf_counter() - t0
-    return [r for r in records if r is not None], videos, steps_total, secs
-
-
-def _record_frame(ep: dict, obs: dict, policy: Any, slot: int) -> None:
-    if ep["frames"] is None:
-        return
-    subtask = policy.current_subtask(slot)
-    ep["frames"].append(
-        render_frame(obs["images"], ep["instruction"], subtask, step=ep["length"], success=ep["success"])
-    )
 
 
 # ---- outputs ------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Image augmentation for training: random shift (pad + crop, DrQ style) and colour jitter.
 
-Applied by the training loop (``vla.train``) to ``batch["images"]`` — f32[B, V, 3, H, W] in
+Applied by the training loop (``vla.training``) to ``batch["images"]`` — f32[B, V, 3, H, W] in
 [-1, 1] — on the training device, after normalization and before the model.
 
 Random parameters are drawn on the CPU from an explicit ``torch.Generator`` for the whole

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -205,3 +206,26 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
         return
     optimizer.load_state_dict(state)
+
+
+def set_threads(num_threads: int | None, info: DistInfo) -> None:
+    """CPU intra-op threads: ``trainer.num_threads`` if set, else the cores shared out among the
+    local ranks (unless the user set OMP_NUM_THREADS)."""
+    if info.device.type != "cpu":
+        return
+    n = int(num_threads or 0)
+    if n <= 0:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        n = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(n)
+
+
+def use_bf16(value: Any, device: torch.device) -> bool:
+    """``trainer.bf16``: ``auto`` (bf16 autocast on CUDA devices that support it), true or false."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"trainer.bf16: expected auto|true|false, got '{value}'")
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(value)

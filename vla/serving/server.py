@@ -33,9 +33,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from vla.policies.base import PolicyProtocol
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -111,8 +114,8 @@ def validate_request(req: Any, cameras: dict[str, tuple[int, int]], state_dim: i
     vector of ``state_dim`` (float64 is accepted and cast); the instruction a non-empty string.
     Models with ``n_obs_steps = T > 1`` take the history stacked: u8[T, H, W, 3] and f32[T, S].
     """
-    lead = (n_obs_steps,) if n_obs_steps > 1 else ()
-    lead_txt = f"{n_obs_steps}, " if lead else ""
+    from vla.observation import ObservationError, ObservationSpec, validate_observation
+
     if not isinstance(req, dict):
         raise RequestError(f"request: expected a map, got {type(req).__name__}")
     for key in ("observation", "instruction"):
@@ -121,39 +124,17 @@ def validate_request(req: Any, cameras: dict[str, tuple[int, int]], state_dim: i
     instruction = req["instruction"]
     if not isinstance(instruction, str) or not instruction.strip():
         raise RequestError(f"request['instruction']: expected a non-empty string, got {instruction!r:.80}")
-    obs = req["observation"]
-    if not isinstance(obs, dict):
-        raise RequestError(f"request['observation']: expected a map, got {type(obs).__name__}")
-    for key in ("images", "state"):
-        if key not in obs:
-            raise RequestError(f"request['observation']: missing key '{key}' (expected images, state)")
-    images = obs["images"]
-    if not isinstance(images, dict):
-        raise RequestError(f"observation['images']: expected a map camera -> u8[H, W, 3], got {type(images).__name__}")
-    if set(images) != set(cameras):
-        raise RequestError(
-            f"observation['images']: expected cameras {sorted(cameras)}, got {sorted(map(str, images))}"
-        )
-    for cam, (h, w) in cameras.items():
-        img = images[cam]
-        if not isinstance(img, np.ndarray):
-            raise RequestError(f"observation['images']['{cam}']: expected an ndarray, got {type(img).__name__}")
-        if img.dtype != np.uint8 or img.shape != (*lead, h, w, 3):
-            raise RequestError(
-                f"observation['images']['{cam}']: expected uint8[{lead_txt}{h}, {w}, 3], "
-                f"got {img.dtype}{list(img.shape)}"
-            )
-    state = obs["state"]
-    if not isinstance(state, np.ndarray) or state.dtype.kind != "f" or state.shape != (*lead, state_dim):
-        got = f"{state.dtype}{list(state.shape)}" if isinstance(state, np.ndarray) else type(state).__name__
-        raise RequestError(f"observation['state']: expected float32[{lead_txt}{state_dim}], got {got}")
-    if not np.all(np.isfinite(state)):
-        raise RequestError("observation['state']: contains NaN or inf")
+    spec = ObservationSpec({c: tuple(hw) for c, hw in cameras.items()}, int(state_dim), int(n_obs_steps))
+    try:
+        # a remote client sends the history stacked (it keeps the frames), hence stacked=True
+        obs = validate_observation(req["observation"], spec, "observation", strict=True, stacked=True)
+    except ObservationError as e:
+        raise RequestError(str(e)) from None
     for key, kind in (("reset", bool), ("decode_plan", bool), ("noise_seed", int)):
         if key in req and not isinstance(req[key], kind):
             raise RequestError(f"request['{key}']: expected {kind.__name__}, got {type(req[key]).__name__}")
     out = dict(req)
-    out["observation"] = {"images": dict(images), "state": state.astype(np.float32)}
+    out["observation"] = obs
     return out
 
 
@@ -167,7 +148,7 @@ class PolicyServer:
 
     def __init__(
         self,
-        policy: Any,
+        policy: PolicyProtocol,
         host: str = "127.0.0.1",
         port: int = 8000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,

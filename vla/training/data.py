@@ -1,0 +1,68 @@
+"""Training data set-up: open the episode store, pick the train/validation episodes, and fill the
+data-dependent model fields (cameras, image size, state/action dims) from the store. Every check
+here runs before training step 1, and each error names the config key and the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys of the composed `model` group that describe the preset rather than VLAConfig fields.
+MODEL_META_KEYS = ("preset", "name")
+
+
+def open_store(dcfg: DictConfig):
+    """Open the episode store named by ``dataset.path`` or raise a ValueError naming it."""
+    from vla.datasets import EpisodeStore
+
+    path = dcfg.get("path")
+    if path is None or OmegaConf.is_missing(dcfg, "path"):
+        raise ValueError("dataset.path is required: the Zarr store written by `vla collect`")
+    p = Path(str(path))
+    if not p.exists():
+        raise ValueError(f"dataset.path: store not found: {p}")
+    try:
+        store = EpisodeStore(str(p), in_memory=bool(dcfg.get("in_memory", True)))
+    except ValueError as e:
+        raise ValueError(f"dataset.path: cannot open store {p}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - zarr/OS errors of a corrupt store become one clear line
+        raise ValueError(f"dataset.path: {p} is not a valid vla episode store ({type(e).__name__}: {e})") from None
+    if store.num_episodes == 0:
+        raise ValueError(f"dataset.path: store {p} has no episodes")
+    return store
+
+
+def select_episodes(store, dcfg: DictConfig) -> tuple[list[int], list[int]]:
+    """(train, val) episode indices after the task filter and the validation hold-out."""
+    tasks = list(dcfg.get("tasks") or [])
+    all_tasks = list(store.episode_tasks)
+    eps = [i for i, t in enumerate(all_tasks) if not tasks or t in tasks]
+    if not eps:
+        raise ValueError(
+            f"dataset.tasks={tasks}: no episodes of these tasks in {dcfg.path} "
+            f"(the store has tasks {sorted(set(all_tasks))})"
+        )
+    n_val = int(dcfg.get("val_episodes") or 0)
+    if n_val < 0 or n_val >= len(eps):
+        raise ValueError(f"dataset.val_episodes={n_val}: must be in [0, {len(eps) - 1}] for {len(eps)} episodes")
+    return (eps[: len(eps) - n_val], eps[len(eps) - n_val :]) if n_val else (eps, [])
+
+
+def build_model_config(mcfg: dict[str, Any], store, dcfg: DictConfig):
+    """``VLAConfig`` from the composed ``model`` group with cameras, image size and dims from the store.
+
+    ``dataset.cameras`` (if set) picks the cameras and ``dataset.frame_camera`` the future-frame camera.
+    """
+    from vla.model import VLAConfig
+
+    d = {k: v for k, v in mcfg.items() if k not in MODEL_META_KEYS}
+    if dcfg.get("cameras"):
+        d["cameras"] = list(dcfg.cameras)
+    if dcfg.get("frame_camera"):
+        d["frame_camera"] = str(dcfg.frame_camera)
+    try:
+        return VLAConfig.from_store(d, store)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model config (with dims from {dcfg.path}): {e}") from None
