@@ -7,7 +7,7 @@
 - ``WindowDataset``  torch Dataset of (history, action chunk, plan text, future frame) windows
 - ``collate_windows`` the fast collate for ``WindowDataset`` batches
 
-The on-disk layout is documented in ``vla.datasets.store``; DESIGN.md §3 is the spec.
+The on-disk layout is documented in ``vla.datasets.store`` and docs/architecture.md ("Store schema").
 The sampler names load lazily so that writing a store (collection workers) never imports torch.
 """
 
