@@ -190,6 +190,11 @@ class WindowDataset(_TorchDataset):
     def __len__(self) -> int:
         return int(len(self._row))
 
+    @property
+    def sample_tasks(self) -> list[str]:
+        """The task of every sample, in sample order (for task-balanced sampling)."""
+        return self._task[self._ep].tolist()
+
     def index_of(self, episode: int, step: int) -> int:
         """Sample index of (episode, step) -- the inverse of the "episode"/"step" fields."""
         hits = np.flatnonzero(self._ep == episode)

@@ -403,8 +403,9 @@ class VLA(nn.Module):
         return h @ self.vlm["embed"].weight.T  # (B, n, vocab)
 
     # ------------------------------------------------------------------------------- training
-    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Losses of one batch from `Processor.training_batch`: loss, plan_loss, action_loss, frame_loss.
+    def compute_loss(self, batch: Mapping[str, torch.Tensor], per_sample: bool = False) -> dict[str, torch.Tensor]:
+        """Losses of one batch from `Processor.training_batch`: loss, plan_loss, action_loss, frame_loss
+        (scalars); ``per_sample`` adds ``action_loss_per_sample`` (B,), detached, for per-task metrics.
 
         Optional batch keys fix the flow randomness (tests, reproducible evaluation): ``noise`` (B, H, A),
         ``time`` (B,), ``frame_noise`` (B, 3, s, s), ``frame_time`` (B,; ignored with ``frame: condition``).
@@ -449,6 +450,8 @@ class VLA(nn.Module):
             ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, H*A)
             err = ce.view(b, cfg.horizon, cfg.action_dim).mean(-1)  # (B, H)
         losses["action_loss"] = (err * step_ok).sum() / step_ok.sum().clamp_min(1)
+        if per_sample:
+            losses["action_loss_per_sample"] = ((err * step_ok).sum(1) / step_ok.sum(1).clamp_min(1)).detach()  # (B,)
         if cfg.frame != "off":
             ferr = (self.frame["out"](outs[-1]) - fu).pow(2).mean((1, 2))  # (B,)
             ok = (~batch["future_is_pad"]).float()  # (B,)

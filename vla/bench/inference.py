@@ -78,28 +78,12 @@ def matmul_peak(sizes: list[int], device, dtype) -> dict[str, float]:
     return out
 
 
-def _count_flops(fn) -> int:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
-
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:  # the CPU attention kernel has no formula of its own (torch 2.13)
-        try:
-            @register_flop_formula(op)
-            def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-                return sdpa_flop_count(query_shape, key_shape, value_shape)
-        except (RuntimeError, ValueError):
-            pass  # already registered
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
 def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float) -> dict[str, Any]:
     import torch
     from omegaconf import OmegaConf
 
     from vla.config import compose
+    from vla.flops import count_flops
     from vla.model import VLA, VLAConfig
     from vla.tokenizer import ByteTokenizer
 
@@ -146,8 +130,8 @@ def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float) ->
     cached = median_of(with_plan, True, False)
     uncached = median_of(with_plan, False, False)
     with autocast:
-        flops_cached = _count_flops(lambda: model.sample(with_plan, noise=noise, use_cache=True))
-        flops_uncached = _count_flops(lambda: model.sample(with_plan, noise=noise, use_cache=False))
+        flops_cached = count_flops(lambda: model.sample(with_plan, noise=noise, use_cache=True))
+        flops_uncached = count_flops(lambda: model.sample(with_plan, noise=noise, use_cache=False))
     result: dict[str, Any] = {
         "params": n_params,
         "prefix_tokens": n_prefix,

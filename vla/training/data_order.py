@@ -42,11 +42,20 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     Global batch ``g`` of an epoch is ``perm[g * B * W : (g + 1) * B * W]`` and rank ``r`` takes
     its ``r``-th block of ``B``, so W processes of B see exactly what one process of W * B sees.
     Starting at (epoch, position) continues a stopped run mid-epoch.
+
+    ``weights`` (one per sample, e.g. `task_balance_weights`) replaces the permutation by a seeded
+    weighted draw of the same size with replacement: every epoch is as long, and a sample's chance
+    is proportional to its weight.
     """
 
     def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int,
-                 start: DataPosition | None = None) -> None:
+                 start: DataPosition | None = None, weights: torch.Tensor | None = None) -> None:
         self.n = int(num_samples)
+        if weights is not None and (weights.shape != (self.n,) or not bool((weights >= 0).all())
+                                    or float(weights.sum()) <= 0):
+            raise ValueError(f"sampler weights: expected {self.n} non-negative values with a positive sum, "
+                             f"got shape {tuple(weights.shape)}")
+        self.weights = weights.double() if weights is not None else None
         self.batch_size = int(batch_size)
         self.world_size = int(world_size)
         self.rank = int(rank)
@@ -59,6 +68,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
     def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(mix_seed(self.seed, 0x5A3D, epoch))
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=g)  # (N,)
         return torch.randperm(self.n, generator=g)  # (N,)
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -73,6 +84,22 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:  # endless; DataLoader only needs a number for its own bookkeeping
         return sys.maxsize
+
+
+def sample_weights(dcfg, dataset) -> torch.Tensor | None:
+    """``dataset.balance``: "task" gives every task the same share of each epoch; "none" samples uniformly."""
+    mode = str(dcfg.get("balance") or "none")
+    if mode not in ("none", "task"):
+        raise ValueError(f"dataset.balance: expected 'none' or 'task', got {mode!r}")
+    return task_balance_weights(dataset.sample_tasks) if mode == "task" else None
+
+
+def task_balance_weights(sample_tasks: list[str]) -> torch.Tensor:
+    """Per-sample weights that give every task the same share of draws: 1 / (samples of its task)."""
+    counts: dict[str, int] = {}
+    for t in sample_tasks:
+        counts[t] = counts.get(t, 0) + 1
+    return torch.tensor([1.0 / counts[t] for t in sample_tasks], dtype=torch.float64)  # (N,)
 
 
 def worker_init(seed: int, epoch: int, rank: int):

@@ -37,12 +37,13 @@ from omegaconf import DictConfig, OmegaConf
 from vla import checkpoint as ckpt
 from vla.datasets import collate_windows
 from vla.evaluation.checkpoint import eval_schedule
+from vla.flops import chunk_flops
 from vla.training import distributed as dist_utils
 from vla.training.augment import AugmentConfig, augment_images, draw_params
 from vla.training.data import build_model_config, open_store, select_episodes
-from vla.training.data_order import DataPosition, ResumableBatchSampler, mix_seed, worker_init
+from vla.training.data_order import DataPosition, ResumableBatchSampler, mix_seed, sample_weights, worker_init
 from vla.training.ema import EMA
-from vla.training.metrics import MetricLog
+from vla.training.metrics import MeanAccumulator, MetricLog, per_task_means, write_run_info
 from vla.training.optim import LossModule, build_optimizer, lr_at
 from vla.training.resume import check_checkpoints, check_resume_state, rng_state, set_rng_state
 
@@ -138,7 +139,8 @@ class Trainer:
         self.step = 0
         self.saved_step = -1
         self.data_pos = DataPosition()
-        self.sampler = ResumableBatchSampler(len(self.dataset), self.batch_size, info.world_size, info.rank, self.seed)
+        self.sampler = ResumableBatchSampler(len(self.dataset), self.batch_size, info.world_size, info.rank, self.seed,
+                                             weights=sample_weights(dcfg, self.dataset))
         if self.resume_dir is not None:
             self._load_resume_state()
 
@@ -264,7 +266,10 @@ class Trainer:
             self.ema.update(self.model)
         self.step += 1
         self.data_pos.advance(self.sampler.batches_per_epoch)
-        out = {k: float(v.detach().float()) for k, v in losses.items() if torch.is_tensor(v)}
+        out = {k: float(v.detach().float()) for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0}
+        # Per-task losses (single process only: ranks' batches hold different tasks, so keys would differ).
+        if "action_loss_per_sample" in losses and not self.info.distributed and len(set(raw["task"])) > 1:
+            out.update(per_task_means(raw["task"], losses["action_loss_per_sample"]))
         out["grad_norm"] = float(gnorm)
         out["lr"] = lr
         return out
@@ -288,7 +293,7 @@ class Trainer:
             with self._autocast():
                 losses = model(batch)
             for k, v in losses.items():
-                if torch.is_tensor(v):
+                if torch.is_tensor(v) and v.ndim == 0:
                     sums[k] = sums.get(k, 0.0) + float(v.float()) / nb
         model.train()
         return sums
@@ -328,33 +333,34 @@ class Trainer:
         val_every = int(tcfg.get("val_every") or 0) or ckpt_every
         eval_every = self.eval_every
         it = iter(self.loader())
+        flops, t_run = None, time.perf_counter()
         t_wait = t_side = 0.0
         t_start = time.perf_counter()
         n_seen = 0
-        acc: dict[str, float] = {}
-        acc_n = 0
+        acc = MeanAccumulator()
         try:
             while self.step < self.stop_at:
                 t0 = time.perf_counter()
                 raw = next(it)
                 t_wait += time.perf_counter() - t0
+                if flops is None and not info.distributed:  # FLOPs of one inference chunk, for `vla report`
+                    flops = chunk_flops(self.raw_model, self.processor.training_batch(raw, self.device))
                 metrics = self.train_step(raw)
                 n_seen += self.batch_size * info.world_size
-                for k, v in metrics.items():
-                    acc[k] = acc.get(k, 0.0) + v
-                acc_n += 1
+                acc.add(metrics)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 if self.step % log_every == 0 or self.step == self.stop_at:
                     elapsed = time.perf_counter() - t_start - t_side  # training time only
-                    m = dist_utils.all_reduce_mean(info, {k: v / acc_n for k, v in acc.items()})
+                    m = dist_utils.all_reduce_mean(info, acc.means())
                     m["lr"] = metrics["lr"]
                     m["samples_per_s"] = n_seen / max(elapsed, 1e-9)
                     m["data_wait_frac"] = t_wait / max(elapsed, 1e-9)
                     m["epoch"] = self.data_pos.epoch + self.data_pos.position / self.sampler.batches_per_epoch
                     log.log(self.step, m)
-                    acc, acc_n, n_seen, t_wait, t_side, t_start = {}, 0, 0, 0.0, 0.0, time.perf_counter()
+                    acc.reset()
+                    n_seen, t_wait, t_side, t_start = 0, 0.0, 0.0, time.perf_counter()
                 t0 = time.perf_counter()
                 if self.val_dataset is not None and val_every and self.step % val_every == 0:
                     log.log(self.step, dist_utils.all_reduce_mean(info, self.validation_loss()), prefix="val")
@@ -375,7 +381,10 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            log.line(f"end step={self.step}")
+            wall = time.perf_counter() - t_run
+            log.line(f"end step={self.step} wall_s={wall:.1f}")
+            if info.is_main:
+                write_run_info(run_dir, params=n_params, steps=self.step, wall_s=wall, flops_per_chunk=flops)
             log.close()
         return run_dir
 
@@ -399,7 +408,7 @@ class Trainer:
 
 
 def _fmt_losses(losses: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if torch.is_tensor(v))
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0)
 
 
 def _jsonable(d: Any) -> Any:

@@ -10,6 +10,42 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 
+def write_run_info(run_dir: Path, **facts) -> None:
+    """``run_info.json``: what `vla report` needs of a finished run (params, steps, wall_s, flops_per_chunk)."""
+    path = Path(run_dir) / "run_info.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(facts, indent=1))
+    tmp.replace(path)
+
+
+class MeanAccumulator:
+    """Running means between two log lines; each key counts only the steps that reported it
+    (a per-task loss is missing from steps whose batch held no sample of that task)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+    def reset(self) -> None:
+        self.sums, self.counts = {}, {}
+
+
+def per_task_means(tasks: list[str], values, prefix: str = "action_loss/") -> dict[str, float]:
+    """{prefix + task: mean of values over the batch's samples of that task} (values: one per sample)."""
+    out: dict[str, list[float]] = {}
+    for t, v in zip(tasks, values.tolist()):
+        out.setdefault(t, []).append(v)
+    return {f"{prefix}{t}": sum(v) / len(v) for t, v in out.items()}
+
+
 class MetricLog:
     """train.log lines, metrics.jsonl, TensorBoard (always) and wandb (optional), rank 0 only."""
 

@@ -42,4 +42,4 @@ class LossModule(nn.Module):
         self.model = model
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.model.compute_loss(batch)
+        return self.model.compute_loss(batch, per_sample=True)
