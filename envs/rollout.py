@@ -57,6 +57,7 @@ class Episode:
     slot: int
     length: int = 0
     success: bool = False
+    sum_reward: float = 0.0
     terminated: bool = False
     truncated: bool = False
 
@@ -126,12 +127,16 @@ def rollout(
     done: Callable[[Episode, dict], bool] | None = None,
     max_env_steps: int | None = None,
     lockstep: bool = True,
+    instruction: str | None = None,
 ) -> RolloutResult:
     """Run ``jobs`` in ``pool`` with ``policy``; see the module docstring.
 
     An episode ends at termination or truncation, at ``max_steps`` steps, at its first success
     when ``end_on_success``, or when ``done(ep, info)`` says so. ``max_env_steps`` stops the whole
     rollout (episodes still running are neither ended nor discarded) once that many steps ran.
+
+    ``instruction``: given, the policy reads it in every episode instead of the env's own (a user's
+    phrasing; the env's goal still comes from the seed).
 
     ``lockstep`` (default): every running slot steps, then the policy acts for all of them in one
     batch (a batched model sees full batches, and a seeded policy repeats itself exactly).
@@ -172,7 +177,7 @@ def rollout(
                 lose(slot)
                 continue
             o, info = reply
-            ep.instruction = str(info.get("instruction", ""))
+            ep.instruction = instruction or str(info.get("instruction", ""))
             if not ep.instruction:
                 raise ValueError(f"env {pool.family}/{job[0]} seed {job[1]}: reset info has no 'instruction'")
             ep.success = bool(info.get("success", False))
@@ -207,6 +212,7 @@ def rollout(
             job, ep = running[i]
             o, reward, terminated, truncated, info = reply
             ep.length += 1
+            ep.sum_reward += float(reward)
             result.env_steps += 1
             ep.success = ep.success or bool(info.get("success", False))
             ep.terminated, ep.truncated = terminated, truncated

@@ -35,7 +35,8 @@ DRAWER_CLOSED_Q = 0.015
 LIFT_HEIGHT = 0.03       # PICK holds once the object is this far above its rest height, in the hand
 
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("purple", "cube"), ("orange", "cylinder")})
-SPLITS = ("train", "eval", "paraphrase")  # paraphrase: held-out templates, training objects and colours
+# paraphrase: held-out templates with training objects and colours; all: any template, training objects
+SPLITS = ("train", "eval", "paraphrase", "all")
 SHAPE_NOUNS = {"cube": ("cube", "block"), "cylinder": ("cylinder",)}
 
 
@@ -344,8 +345,8 @@ def sample_episode(task: str, rng: np.random.Generator, split: str = "train") ->
     fam = get_family(task)
     spec = fam.scene
     shapes = spec.shapes
-    template_split = "eval" if split == "paraphrase" else split
-    split = "train" if split == "paraphrase" else split  # objects and colours: the training ones
+    template_split = {"paraphrase": "eval"}.get(split, split)
+    split = "train" if split in ("paraphrase", "all") else split  # objects and colours: the training ones
     plan, extra = fam.sample_goal(rng, split, shapes)
     targets = extra["targets"]
     if task == "stack-three":
@@ -393,7 +394,8 @@ def sample_episode(task: str, rng: np.random.Generator, split: str = "train") ->
     hand = np.array([rng.uniform(-0.08, 0.02), rng.uniform(0.12, 0.2), rng.uniform(0.12, 0.16)])
 
     # Instruction from a template of this split.
-    templates = TEMPLATES[task][template_split]
+    templates = (TEMPLATES[task]["train"] + TEMPLATES[task]["eval"] if template_split == "all"
+                 else TEMPLATES[task][template_split])
     tpl = templates[int(rng.integers(len(templates)))]
     fill = {"where": extra.get("where", ""), "dir": extra.get("dir", "")}
     names = extra.get("order", extra["targets"])

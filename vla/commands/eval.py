@@ -110,6 +110,7 @@ def main(argv: list[str]) -> int:
             video_fps=int(cfg.video_fps),
             progress=bool(cfg.progress),
             torch_threads=cfg.torch_threads,
+            instruction=cfg.get("instruction"),
         )
     finally:
         policy.close()

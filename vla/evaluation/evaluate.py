@@ -59,14 +59,33 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, center - half), min(1.0, center + half)
 
 
+INSTRUCTION_SPLITS = ("train", "eval", "paraphrase", "all")
+
+
 def summarize(episodes: list[dict], tasks: list[str] | None = None) -> dict[str, Any]:
-    """Per-task and overall success statistics from per-episode records (``task``, ``success``, ``length``)."""
+    """Per-task and overall success statistics from per-episode records (``task``, ``success``, ``length``).
+
+    ``overall`` pools every episode; ``mean_over_tasks`` averages the per-task rates (they differ
+    when tasks have different episode counts or rates; both are labelled wherever they are shown)."""
     tasks = list(tasks) if tasks is not None else list(dict.fromkeys(e["task"] for e in episodes))
     per_task: dict[str, dict] = {}
     for task in tasks:
         eps = [e for e in episodes if e["task"] == task]
         per_task[task] = _stats(eps)
-    return {"per_task": per_task, "overall": _stats(episodes)}
+    rates = [s["success_rate"] for s in per_task.values()]
+    return {"per_task": per_task, "overall": _stats(episodes),
+            "mean_over_tasks": float(np.mean(rates)) if rates else 0.0}
+
+
+def lerobot_keys(episodes: list[dict], wall_s: float) -> dict[str, Any]:
+    """LeRobot's eval_info keys beside ours: ``per_episode`` and ``aggregated`` (pc_success in percent)."""
+    n = len(episodes)
+    per_episode = [{"episode_ix": i, "success": bool(e["success"]), "seed": int(e["seed"]),
+                    "sum_reward": float(e.get("sum_reward", 0.0)), "task": e["task"]} for i, e in enumerate(episodes)]
+    return {"per_episode": per_episode,
+            "aggregated": {"pc_success": 100.0 * sum(bool(e["success"]) for e in episodes) / n if n else 0.0,
+                           "avg_sum_reward": float(np.mean([e["sum_reward"] for e in per_episode])) if n else 0.0,
+                           "eval_s": float(wall_s), "eval_ep_s": float(wall_s) / n if n else 0.0}}
 
 
 def _stats(eps: list[dict]) -> dict[str, Any]:
@@ -90,13 +109,15 @@ def format_table(result: dict) -> str:
     rows = [("task", "succ/n", "rate", "95% CI", "mean len")]
     items = list(result["per_task"].items())
     if len(items) > 1:
-        items.append(("overall", result["overall"]))
+        items.append(("overall (pooled)", result["overall"]))
     for task, s in items:
         lo, hi = s["ci95"]
         rows.append(
             (task, f"{s['successes']}/{s['episodes']}", f"{s['success_rate']:.1%}", f"[{lo:.2f}, {hi:.2f}]",
              f"{s['mean_length']:.1f}")
         )
+    if len(result["per_task"]) > 1 and "mean_over_tasks" in result:
+        rows.append(("mean over tasks", "", f"{result['mean_over_tasks']:.1%}", "", ""))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -218,7 +239,7 @@ class EpisodeRecords(Recorder):
 
     def end(self, ep) -> None:
         self.records.append({"task": ep.task, "seed": ep.seed, "instruction": ep.instruction,
-                             "success": ep.success, "length": ep.length,
+                             "success": ep.success, "length": ep.length, "sum_reward": ep.sum_reward,
                              "final_plan": self.policy.current_plan(ep.slot)})
         if self.bar is not None:
             done = [r for r in self.records if r["task"] == ep.task]
@@ -281,6 +302,7 @@ def run_evaluation(
     progress: bool = True,
     sync_chunks: bool = True,
     torch_threads: int | None = None,
+    instruction: str | None = None,
 ) -> dict[str, Any]:
     """Closed-loop rollouts of ``policy`` on every task; returns statistics and per-episode records.
 
@@ -289,6 +311,9 @@ def run_evaluation(
     for every task, so two policies evaluated with the same arguments see the same scenes.
     ``sync_chunks`` (several envs): envs with at most half a queue left join a model call made for
     another env (``Policy.refill_below``), so batches stay full after episodes end at different steps.
+    ``instruction``: one instruction for every episode (a user's own phrasing) instead of the env's;
+    ``instruction_split`` picks the env's paraphrases otherwise (train, eval = held-out wording and,
+    on the tabletop suite, held-out objects; paraphrase = held-out wording only; all).
     ``torch_threads``: intra-op threads for the policy during the rollouts; ``None`` = 1 when
     ``n_envs > 1`` (the env workers need the other cores: on 2 cores a tiny VLA with 4 envs ran
     ~1.5x faster with 1 thread than with 2), else unchanged.
@@ -304,8 +329,8 @@ def run_evaluation(
         raise ValueError("run_evaluation: expected at least one task, got none")
     if int(episodes_per_task) < 1 or int(n_envs) < 1:
         raise ValueError(f"run_evaluation: expected episodes >= 1 and n_envs >= 1, got {episodes_per_task}, {n_envs}")
-    if instruction_split not in ("train", "eval"):
-        raise ValueError(f"instruction_split: expected 'train' or 'eval', got {instruction_split!r}")
+    if instruction_split not in INSTRUCTION_SPLITS:
+        raise ValueError(f"instruction_split: expected one of {INSTRUCTION_SPLITS}, got {instruction_split!r}")
     seed_start = EVAL_SEED_START if seed_start is None else int(seed_start)
     env_kwargs = dict(env_kwargs or {})
     env_kwargs.setdefault("instruction_split", instruction_split)
@@ -336,7 +361,8 @@ def run_evaluation(
         policy.refill_below = max(saved_refill, policy.n_action_steps // 2)
     try:
         with make_pool(family, n, env_kwargs, workers=n > 1) as pool:
-            run = rollout(policy, pool, jobs, recorders, max_steps=max_steps, end_on_success=True)
+            run = rollout(policy, pool, jobs, recorders, max_steps=max_steps, end_on_success=True,
+                          instruction=instruction)
     finally:
         torch.set_num_threads(saved_threads)
         if saved_refill is not None:
@@ -353,6 +379,7 @@ def run_evaluation(
         "seed_start": seed_start,
         "seed_end": seed_start + int(episodes_per_task) - 1,
         "instruction_split": instruction_split,
+        "instruction": instruction,
         "max_steps": max_steps,
         "n_envs": int(n_envs),
         "policy": getattr(policy, "name", type(policy).__name__),
@@ -364,6 +391,7 @@ def run_evaluation(
         # that could not be run at all (every worker lost): reported, never dropped in silence
         "rerun_episodes": [{"task": t, "seed": s} for t, s in run.rerun],
         "unfinished_episodes": [{"task": t, "seed": s} for t, s in run.unfinished],
+        **lerobot_keys(episodes, wall),
         "throughput": {
             "env_steps": run.env_steps,
             "wall_s": wall,

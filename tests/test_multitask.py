@@ -1,0 +1,130 @@
+"""Multi-task training and evaluation: task-balanced draws, per-task metrics, eval_info keys, the
+instruction override and splits, and the main job's script in a smoke configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vla.training.data_order import ResumableBatchSampler, task_balance_weights
+from vla.training.metrics import MeanAccumulator, per_task_means
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _draws(tasks: list[str], weights, batches: int = 400) -> Counter:
+    sampler = ResumableBatchSampler(len(tasks), 50, 1, 0, seed=3, weights=weights)
+    it = iter(sampler)
+    return Counter(tasks[i] for _ in range(batches) for i in next(it))
+
+
+def test_task_balanced_draws_give_every_task_the_same_share():
+    tasks = ["a"] * 100 + ["b"] * 300 + ["c"] * 600  # 10% / 30% / 60% of the windows
+    w = task_balance_weights(tasks)
+    assert w.shape == (1000,) and torch.isclose(w[:100].sum(), w[100:400].sum())
+    balanced = _draws(tasks, w)
+    n = sum(balanced.values())
+    for t in "abc":
+        assert abs(balanced[t] / n - 1 / 3) < 0.02, balanced
+    plain = _draws(tasks, None)  # uniform over windows: the store's proportions
+    assert abs(plain["a"] / n - 0.1) < 0.02 and abs(plain["c"] / n - 0.6) < 0.02
+
+
+def test_balanced_sampler_is_resumable_and_checks_weights():
+    from vla.training.data_order import DataPosition
+
+    tasks = ["a"] * 10 + ["b"] * 30
+    w = task_balance_weights(tasks)
+    full = ResumableBatchSampler(40, 4, 1, 0, seed=1, weights=w)
+    it = iter(full)
+    batches = [next(it) for _ in range(15)]  # crosses an epoch (10 batches per epoch)
+    resumed = iter(ResumableBatchSampler(40, 4, 1, 0, seed=1, weights=w, start=DataPosition(epoch=1, position=2)))
+    assert [next(resumed) for _ in range(3)] == batches[12:15]
+    with pytest.raises(ValueError, match=r"sampler weights: expected 40 non-negative values .* got shape \(3,\)"):
+        ResumableBatchSampler(40, 4, 1, 0, seed=1, weights=torch.ones(3))
+
+
+def test_per_task_means_and_accumulator_count_each_key_separately():
+    m = per_task_means(["a", "b", "a"], torch.tensor([1.0, 4.0, 3.0]))
+    assert m == {"action_loss/a": 2.0, "action_loss/b": 4.0}
+    acc = MeanAccumulator()
+    acc.add({"loss": 1.0, "action_loss/a": 2.0})
+    acc.add({"loss": 3.0})  # no sample of task a in this batch
+    assert acc.means() == {"loss": 2.0, "action_loss/a": 2.0}
+
+
+def test_training_logs_per_task_losses_with_balance(tmp_path):
+    from tests.train_utils import make_store, train_cfg
+
+    from vla.training.loop import train
+
+    store = make_store(tmp_path / "s.zarr", episodes=4, length=10)
+    run = train(train_cfg(store, tmp_path / "run", "dataset.balance=task", "trainer.steps=3", "trainer.log_every=1"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert any("action_loss/reach" in r and "action_loss/push" in r for r in train_rows)
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["steps"] == 3 and info["params"] > 0 and info["flops_per_chunk"] > 0 and info["wall_s"] > 0
+    from vla.config import compose
+
+    with pytest.raises(ValueError, match="dataset.balance: expected 'none' or 'task', got 'families'"):
+        train(compose("train", [f"dataset.path={store}", f"run_dir={tmp_path / 'bad'}", "trainer=debug",
+                                "dataset.balance=families"]))
+
+
+def test_eval_info_has_lerobot_keys_both_overall_rates_and_the_instruction():
+    from vla.evaluation import format_table, run_evaluation
+    from vla.policies import ExpertPolicy
+
+    res = run_evaluation(ExpertPolicy("tabletop"), "tabletop", ["drawer-open", "drawer-close"], 2, n_envs=1,
+                         env_kwargs={"cameras": ()}, progress=False, instruction="please open it up")
+    assert [e["instruction"] for e in res["episodes"]] == ["please open it up"] * 4
+    assert res["instruction"] == "please open it up"
+    pe = res["per_episode"]
+    assert [p["episode_ix"] for p in pe] == [0, 1, 2, 3]
+    assert [p["seed"] for p in pe] == [e["seed"] for e in res["episodes"]]
+    assert all(set(p) >= {"episode_ix", "success", "seed", "sum_reward"} for p in pe)
+    assert all(p["sum_reward"] >= 1.0 for p in pe if p["success"])  # reward 1 on success steps
+    agg = res["aggregated"]
+    assert agg["pc_success"] == pytest.approx(100 * res["overall"]["success_rate"])
+    assert agg["eval_s"] > 0 and agg["eval_ep_s"] == pytest.approx(agg["eval_s"] / 4)
+    rates = [res["per_task"][t]["success_rate"] for t in ("drawer-open", "drawer-close")]
+    assert res["mean_over_tasks"] == pytest.approx(np.mean(rates))
+    table = format_table(res)
+    assert "overall (pooled)" in table and "mean over tasks" in table
+    with pytest.raises(ValueError, match="instruction_split: expected one of"):
+        run_evaluation(ExpertPolicy("tabletop"), "tabletop", ["drawer-open"], 1, instruction_split="heldout")
+
+
+def test_all_split_mixes_templates_over_training_objects():
+    from vla.envs.tabletop import tasks as T
+
+    seen = set()
+    for seed in range(40):
+        ep = T.sample_episode("pick-place", np.random.default_rng(seed), "all")
+        assert not any((c, s) in T.HELD_OUT for c, s in zip(ep.colors, ep.shapes))
+        seen.add(ep.instruction.split()[0])
+    assert {"could", "the"} & seen and {"put", "place", "pick", "move"} & seen  # eval and train templates
+
+
+def test_main_job_script_in_a_smoke_configuration(tmp_path):
+    env = dict(os.environ, SKIP_SETUP="1", FAMILIES="pick-place,pick-place-two", EPISODES="1", IMAGE="32",
+               STEPS="2", EVAL_EPISODES="1", OUT=str(tmp_path / "demo"),
+               TRAIN_ARGS="model.d_model=32 model.n_layers=1 model.action_width=16 trainer.ckpt_every=0",
+               PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not (ROOT / ".venv" / "bin" / "vla").exists():
+        pytest.skip("the scripts run from .venv (made by scripts/setup.sh)")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    info = json.loads((tmp_path / "demo" / "eval" / "eval_info.json").read_text())
+    assert info["tasks"] == ["pick-place", "pick-place-two"] and info["instruction_split"] == "paraphrase"
+    assert len(info["per_episode"]) == 2 and len(info["videos"]) == 2
+    assert "overall (pooled)" in proc.stdout and "mean over tasks" in proc.stdout
