@@ -21,10 +21,16 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    raise SystemExit(f"offline_bundle: needs Python >= 3.11 (it reads pyproject.toml with tomllib); this is "
+                     f"{sys.version.split()[0]}: set PYTHON=python3.11 (or newer)") from None
+
 ROOT = Path(__file__).resolve().parents[1]
+HOST_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 # The CPU torch that scripts/setup.sh installs; tests/test_offline_bundle.py checks the two agree.
 TORCH_PIN = "torch==2.13.0"
 # An upper bound no release meets: if any dependency other than vla ever requires torch, pip stops
@@ -49,8 +55,6 @@ def wheel_project(filename: str) -> str:
 
 def bundle_requirements(pyproject: Path, with_torch: bool, torch_spec: str, with_dev: bool) -> list[str]:
     """pyproject.toml's runtime dependencies (plus the dev extra), torch replaced by `torch_spec` or left out."""
-    import tomllib
-
     project = tomllib.loads(pyproject.read_text())["project"]
     requirements = [r for r in project["dependencies"] if not TORCH_FAMILY.match(project_name(r))]
     torch_reqs = [r for r in project["dependencies"] if project_name(r) == "torch"]
@@ -63,9 +67,20 @@ def bundle_requirements(pyproject: Path, with_torch: bool, torch_spec: str, with
 
 
 def missing_requirement(pip_output: str) -> str | None:
-    """The requirement pip found no distribution for, from its 'No matching distribution' line."""
+    """The requirement pip found no distribution for, or None if the failure was something else.
+
+    A top-level requirement ends in 'No matching distribution found for X'; a transitive one makes the
+    resolver give up on its parents instead ('The conflict is caused by: hydra-core 1.3.8 depends on
+    antlr4-python3-runtime==4.9.*', one line per version tried, all naming the same requirement)."""
     found = re.findall(r"No matching distribution found for (\S+)", pip_output)
-    return found[-1] if found else None
+    if found:
+        return found[-1]
+    _, conflict, causes = pip_output.partition("The conflict is caused by:")
+    if not conflict or "The user requested" in causes:
+        return None
+    depends = re.findall(r"^\s+\S+ \S+ depends on (\S+)", causes, flags=re.MULTILINE)
+    # Parents that disagree (A needs X<2, B needs X>=2) are a version conflict, not a missing wheel.
+    return depends[0] if len(set(depends)) == 1 else None
 
 
 def no_wheel_message(requirement: str, python: str, platforms: list[str]) -> str:
@@ -105,7 +120,7 @@ def run_pip(python: str, args: list[str]) -> tuple[int, str]:
 def python_for(version: str | None) -> str:
     """An interpreter of the target version if this machine has one: pip evaluates dependency markers
     (`; python_version < "3.12"`) for the Python it runs in, whatever --python-version says."""
-    if version is None or version == "%d.%d" % sys.version_info[:2]:
+    if version is None or version == HOST_PYTHON:
         return sys.executable
     candidate = shutil.which(f"python{version}")
     if candidate:
@@ -114,7 +129,7 @@ def python_for(version: str | None) -> str:
         if probe.returncode == 0 and probe.stdout.strip() == version:
             return candidate
     print(f"offline_bundle: note: no working python{version} with pip here; resolving with Python "
-          f"{sys.version_info[0]}.{sys.version_info[1]}, so dependency markers are read for that version "
+          f"{HOST_PYTHON}, so dependency markers are read for that version "
           f"(a conditional dependency may be added or missed).", file=sys.stderr)
     return sys.executable
 
@@ -130,9 +145,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="target platform tag, repeatable, e.g. manylinux_2_28_x86_64 (default: this machine's)")
     parser.add_argument("--with-torch", action="store_true",
                         help=f"include torch (default pin {TORCH_PIN}, as scripts/setup.sh installs)")
-    parser.add_argument("--torch-spec", metavar="SPEC", help=f"torch requirement for --with-torch (default {TORCH_PIN})")
+    parser.add_argument("--torch-spec", metavar="SPEC",
+                        help=f"torch requirement for --with-torch (default {TORCH_PIN})")
     parser.add_argument("--with-dev", action="store_true", help="include the dev extra (pytest, ruff)")
-    parser.add_argument("--dry-run", action="store_true", help="print the requirements and pip command, download nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the requirements and pip command, download nothing")
     args = parser.parse_args(argv)
     if args.python is not None and not re.fullmatch(r"3\.\d{1,2}", args.python):
         parser.error(f"--python expects a version like 3.12, got {args.python!r}")
@@ -227,14 +244,11 @@ def write_manifest(staging: Path, version: str, platforms: list[str], python: st
 
 
 def main(argv: list[str]) -> int:
-    if sys.version_info < (3, 11):
-        raise SystemExit("offline_bundle: needs Python >= 3.11 (it reads pyproject.toml with tomllib); "
-                         f"this is {sys.version.split()[0]} (set PYTHON=python3.11)")
     args = parse_args(argv)
     target = Path(args.dir).resolve()
     check_target(target)
     python = python_for(args.python)
-    version = args.python or "%d.%d" % sys.version_info[:2]
+    version = args.python or HOST_PYTHON
     requirements = bundle_requirements(ROOT / "pyproject.toml", args.with_torch, args.torch_spec or TORCH_PIN,
                                        args.with_dev)
     target_args = []
