@@ -37,11 +37,12 @@ if [ -n "$offline_dir" ]; then
       "$(cd "$offline_dir" && ls vla-*.whl 2>/dev/null | tr '\n' ' ')" >&2
     exit 1
   fi
+  base_python="$(command -v python3)"
   want="$(sed -n 's/^python: //p' "$manifest")"
   have="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
   if [ "$want" != "$have" ]; then
     echo "setup: --offline: the bundle in $offline_dir is for Python '$want', but python3 here is $have" \
-      "($(command -v python3)); rebuild it with: bash scripts/offline_bundle.sh DIR --python $have ..." >&2
+      "($base_python); rebuild it with: bash scripts/offline_bundle.sh DIR --python $have ..." >&2
     exit 1
   fi
   # Nothing but DIR: no index, and no find-links or extra index from pip.conf or the environment.
@@ -68,7 +69,7 @@ PY
   if ! python -c "import torch" 2>/dev/null; then
     torch_wheels=("$offline_dir"/torch-*.whl)
     if [ ! -f "${torch_wheels[0]}" ]; then
-      echo "setup: --offline: torch is importable neither from $(command -v python3) (seen through" \
+      echo "setup: --offline: torch is importable neither from $base_python (seen through" \
         "--system-site-packages) nor available in $offline_dir; install torch in the image, or rebuild the" \
         "bundle with: bash scripts/offline_bundle.sh DIR --with-torch ..." >&2
       exit 1
