@@ -1,9 +1,91 @@
 #!/usr/bin/env bash
 # Creates .venv in the repository root (if missing) and installs vla with its dependencies.
 # CPU torch comes from `torch==2.13.0` (a plain `torch` would pull a multi-GB CUDA build here).
+#
+# `setup.sh --offline DIR` installs from a folder made by scripts/offline_bundle.sh instead, and
+# touches no network: a machine without one (a GPU cluster) keeps the torch its image brings.
 set -euo pipefail
+offline_dir=""
+if [ $# -gt 0 ]; then
+  if [ "$1" != "--offline" ] || [ $# -ne 2 ] || [ -z "$2" ]; then
+    echo "usage: bash scripts/setup.sh                 # online: .venv with torch==2.13.0 (CPU) and vla[dev], editable" >&2
+    echo "       bash scripts/setup.sh --offline DIR   # from DIR made by scripts/offline_bundle.sh, no network" >&2
+    echo "setup: unexpected arguments: $*" >&2
+    exit 2
+  fi
+  # Resolved before the cd below, so a DIR relative to the caller's folder works.
+  offline_dir="$2"
+  if [ ! -d "$offline_dir" ]; then
+    echo "setup: --offline: bundle folder '$offline_dir' does not exist (make one on a machine with network:" \
+      "bash scripts/offline_bundle.sh DIR, then copy DIR here)" >&2
+    exit 1
+  fi
+  offline_dir="$(cd "$offline_dir" && pwd)"
+fi
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [ -n "$offline_dir" ]; then
+  manifest="$offline_dir/MANIFEST.txt"
+  if [ ! -f "$manifest" ]; then
+    echo "setup: --offline: $offline_dir has no MANIFEST.txt: not a finished bundle (offline_bundle.sh writes it last)" >&2
+    exit 1
+  fi
+  vla_wheels=("$offline_dir"/vla-*.whl)
+  if [ ! -f "${vla_wheels[0]}" ] || [ ${#vla_wheels[@]} -ne 1 ]; then
+    echo "setup: --offline: expected exactly one vla-*.whl in $offline_dir, found ${#vla_wheels[@]}:" \
+      "$(cd "$offline_dir" && ls vla-*.whl 2>/dev/null | tr '\n' ' ')" >&2
+    exit 1
+  fi
+  base_python="$(command -v python3)"
+  want="$(sed -n 's/^python: //p' "$manifest")"
+  have="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+  if [ "$want" != "$have" ]; then
+    echo "setup: --offline: the bundle in $offline_dir is for Python '$want', but python3 here is $have" \
+      "($base_python); rebuild it with: bash scripts/offline_bundle.sh DIR --python $have ..." >&2
+    exit 1
+  fi
+  # Nothing but DIR: no index, and no find-links or extra index from pip.conf or the environment.
+  offline_pip() {
+    env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+      python -m pip install --no-index --find-links "$offline_dir" "$@"
+  }
+  if [ ! -x .venv/bin/python ]; then
+    # --system-site-packages: a CUDA image's own torch stays visible inside .venv.
+    python3 -m venv --system-site-packages .venv
+    # When python3 is itself a venv's (e.g. /opt/torch/.venv), the new venv sees only the base
+    # interpreter's site-packages; a .pth file adds that venv's, where the image's torch lives.
+    python3 - .venv <<'PY'
+import site, sys, sysconfig, pathlib, subprocess
+if sys.prefix != sys.base_prefix:
+    new = subprocess.run([sys.argv[1] + "/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    paths = dict.fromkeys(site.getsitepackages())
+    pathlib.Path(new, "_outer_venv_site.pth").write_text("\n".join(paths) + "\n")
+    print(f"setup: python3 is a venv's ({sys.prefix}); its site-packages stay visible in .venv")
+PY
+  fi
+  . .venv/bin/activate
+  if ! python -c "import torch" 2>/dev/null; then
+    torch_wheels=("$offline_dir"/torch-*.whl)
+    if [ ! -f "${torch_wheels[0]}" ]; then
+      echo "setup: --offline: torch is importable neither from $base_python (seen through" \
+        "--system-site-packages) nor available in $offline_dir; install torch in the image, or rebuild the" \
+        "bundle with: bash scripts/offline_bundle.sh DIR --with-torch ..." >&2
+      exit 1
+    fi
+    offline_pip -q torch
+  fi
+  # The dev extra (pytest, ruff) only when the bundle has it (offline_bundle.sh --with-dev).
+  extra=""
+  if grep -q "^dev extras: included" "$manifest"; then extra="[dev]"; fi
+  offline_pip -q "${vla_wheels[0]}$extra"
+  # Checked from / so that the installed wheel is imported, not the checkout's vla/ folder.
+  (cd / && python -c "import vla, vla.envs, torch, mujoco, metaworld, zarr; print('setup: vla', vla.__file__, 'torch', torch.__version__)") \
+    || { echo "setup: import check failed" >&2; exit 1; }
+  exit 0
+fi
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
