@@ -62,7 +62,6 @@ def test_per_task_means_and_accumulator_count_each_key_separately():
 
 def test_training_logs_per_task_losses_with_balance(tmp_path):
     from tests.train_utils import make_store, train_cfg
-
     from vla.training.loop import train
 
     store = make_store(tmp_path / "s.zarr", episodes=4, length=10)
@@ -80,8 +79,9 @@ def test_training_logs_per_task_losses_with_balance(tmp_path):
 
 
 def test_eval_info_has_lerobot_keys_both_overall_rates_and_the_instruction():
-    from vla.evaluation import format_table, run_evaluation
     from vla.policies import ExpertPolicy
+
+    from vla.evaluation import format_table, run_evaluation
 
     res = run_evaluation(ExpertPolicy("tabletop"), "tabletop", ["drawer-open", "drawer-close"], 2, n_envs=1,
                          env_kwargs={"cameras": ()}, progress=False, instruction="please open it up")
