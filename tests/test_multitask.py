@@ -92,6 +92,10 @@ def test_eval_info_has_lerobot_keys_both_overall_rates_and_the_instruction():
     assert [p["seed"] for p in pe] == [e["seed"] for e in res["episodes"]]
     assert all(set(p) >= {"episode_ix", "success", "seed", "sum_reward"} for p in pe)
     assert all(p["sum_reward"] >= 1.0 for p in pe if p["success"])  # reward 1 on success steps
+    for e in res["episodes"]:  # the expert finishes its one-step plan: progress 1/1
+        assert (e["subtasks_done"], e["num_subtasks"]) == ((1, 1) if e["success"] else (e["subtasks_done"], 1))
+    assert res["per_task"]["drawer-open"]["mean_subtask_progress"] == pytest.approx(
+        np.mean([e["subtasks_done"] for e in res["episodes"] if e["task"] == "drawer-open"]))
     agg = res["aggregated"]
     assert agg["pc_success"] == pytest.approx(100 * res["overall"]["success_rate"])
     assert agg["eval_s"] > 0 and agg["eval_ep_s"] == pytest.approx(agg["eval_s"] / 4)

@@ -101,6 +101,9 @@ def _stats(eps: list[dict]) -> dict[str, Any]:
         "ci95": [lo, hi],
         "mean_length": float(np.mean(lengths)) if lengths else 0.0,
         "mean_length_success": float(np.mean(succ_lengths)) if succ_lengths else None,
+        # partial progress (tabletop): mean fraction of the plan's subtasks completed in order
+        "mean_subtask_progress": (float(np.mean([e["subtasks_done"] / e["num_subtasks"] for e in eps]))
+                                  if eps and all(e.get("num_subtasks") for e in eps) else None),
     }
 
 
@@ -236,15 +239,32 @@ class EpisodeRecords(Recorder):
         self.policy = policy
         self.bar = bar
         self.records: list[dict] = []
+        self.progress: dict[int, tuple[int | None, int | None]] = {}  # slot -> (most subtasks done, plan length)
+
+    def start(self, ep, obs, info) -> None:
+        self.progress[ep.slot] = _progress(info)
+
+    def step(self, ep, obs, action, subtask, reward, next_obs, info) -> None:
+        self.progress[ep.slot] = _progress(info, self.progress.get(ep.slot))
 
     def end(self, ep) -> None:
+        done, total = self.progress.pop(ep.slot, (None, None))
         self.records.append({"task": ep.task, "seed": ep.seed, "instruction": ep.instruction,
                              "success": ep.success, "length": ep.length, "sum_reward": ep.sum_reward,
+                             "subtasks_done": done, "num_subtasks": total,
                              "final_plan": self.policy.current_plan(ep.slot)})
         if self.bar is not None:
             done = [r for r in self.records if r["task"] == ep.task]
             self.bar.update(1)
             self.bar.set_postfix_str(f"{ep.task} {sum(r['success'] for r in done)}/{len(done)}")
+
+
+def _progress(info: dict, last: tuple | None = None) -> tuple[int | None, int | None]:
+    """(subtasks done so far, plan length) from an env info that reports them (the tabletop suite)."""
+    if "subtasks_done" not in info:
+        return last or (None, None)
+    done = int(info["subtasks_done"])
+    return max(done, (last or (0, None))[0] or 0), int(info.get("num_subtasks", 0)) or None
 
 
 class VideoRecorder(Recorder):
