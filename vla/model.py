@@ -492,8 +492,10 @@ class VLA(nn.Module):
         losses = {"plan_loss": zero, "action_loss": zero, "frame_loss": zero}
         if cfg.planner:
             logits = self.plan_logits(outs[1][:, :-1], words)  # (B, Lp-1, V)
-            ce = F.cross_entropy(logits.transpose(1, 2), batch["plan_tokens"][:, 1:], reduction="none")  # (B, Lp-1)
-            m = batch["plan_mask"][:, 1:].float()
+            m = batch["plan_mask"][:, 1:]
+            target = batch["plan_tokens"][:, 1:].masked_fill(~m, -100)  # padding: word plans score it -inf
+            ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none", ignore_index=-100)  # (B, Lp-1)
+            m = m.float()
             losses["plan_loss"] = (ce * m).sum() / m.sum().clamp_min(1)
         step_ok = (~batch["action_is_pad"]).float()  # (B, H)
         a_out = outs[-2] if cfg.frame != "off" else outs[-1]
