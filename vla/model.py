@@ -341,7 +341,8 @@ class VLA(nn.Module):
         pv = self.plan_vocab
         fixed = h @ self.vlm["plan_embed"].weight[: pv.copy_offset].T  # (B, n, 3 + W)
         feats, ok = words  # (B, K, D), (B, K)
-        copy = self.vlm["copy_query"](h) @ feats.transpose(1, 2) / feats.shape[-1] ** 0.5  # (B, n, K)
+        keys = feats + self.vlm["plan_embed"].weight[pv.copy_offset:]  # (B, K, D): the word and its index
+        copy = self.vlm["copy_query"](h) @ keys.transpose(1, 2) / keys.shape[-1] ** 0.5  # (B, n, K)
         copy = copy.masked_fill(~ok[:, None], float("-inf"))  # only words the instruction has
         logits = torch.cat([fixed, copy], -1)  # (B, n, V_plan)
         logits[..., pv.pad_id] = float("-inf")
