@@ -232,6 +232,11 @@ class VLA(nn.Module):
             from vla.text_encoder import BertEncoder
 
             self.vlm["text_encoder"] = BertEncoder().load_pretrained().requires_grad_(cfg.text_finetune)
+        self._text_memo: dict[tuple, torch.Tensor] = {}  # frozen encoder: token ids -> states (see encode_instruction)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._text_memo.clear()  # new encoder weights: memoized states are stale
+        super()._load_from_state_dict(*args, **kwargs)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -262,14 +267,26 @@ class VLA(nn.Module):
         """Instruction tokens (B, Li) -> the prefix's instruction embeddings (B, Li, D).
 
         bytes: a table lookup. minilm: the encoder's per-token states projected into the vlm width
-        (no pooling); without ``text_finetune`` the encoder runs without autograd (frozen).
+        (no pooling). Without ``text_finetune`` the encoder is frozen: it runs without autograd, and
+        its states are memoized per distinct instruction (a store has a few paraphrases per task, so
+        training runs the 22M-parameter encoder a handful of times instead of once per step).
         """
         v = self.vlm
         if self.cfg.text == "bytes":
             return v["embed"](tokens)  # (B, Li, D)
         enc = v["text_encoder"]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.text_finetune):
-            h = enc(tokens, mask)  # (B, Li, 384)
+        if self.cfg.text_finetune:
+            return v["text_proj"](enc(tokens, mask))  # (B, Li, D)
+        h = tokens.new_zeros(*tokens.shape, enc.width, dtype=torch.float32)  # (B, Li, 384)
+        lengths = mask.sum(1).tolist()
+        for k, n in enumerate(lengths):
+            key = (str(tokens.device), *tokens[k, :n].tolist())
+            if key not in self._text_memo:
+                if len(self._text_memo) >= 4096:  # bounded: a server may see many texts
+                    self._text_memo.clear()
+                with torch.no_grad():
+                    self._text_memo[key] = enc(tokens[k:k + 1, :n], mask[k:k + 1, :n])[0]  # (n, 384)
+            h[k, :n] = self._text_memo[key]
         return v["text_proj"](h)  # (B, Li, D)
 
     def cached_instruction_embeds(self, batch: Mapping[str, Any], texts: list[str],
