@@ -9,6 +9,11 @@ Token sequence of one sample (DESIGN.md §5), left to right::
     ACTION  H noisy action tokens                     action   bidirectional; sees PREFIX..STATE
     FRAME   P noisy future-frame patch tokens         frame    bidirectional; sees PREFIX+PLAN+STATE
 
+Instruction tokens are byte embeddings, or with ``text: minilm`` the per-token states of a frozen
+(or ``text_finetune``) pretrained MiniLM projected to the vlm width (`vla.text_encoder`). Plan
+tokens are bytes, or with ``plan_vocab: words`` `vla.tokenizer.PlanVocab` words whose copy slots
+point at instruction words (`plan_logits`).
+
 (``frame: condition`` also lets ACTION see FRAME; then actions and frame share one flow time and
 are integrated jointly.) With ``action_head: discrete`` the state token joins the prefix and the
 ACTION block is ``<sep>`` + H*A action-bin tokens decoded causally by the vlm expert (RT-2 style).
