@@ -516,8 +516,8 @@ class VLA(nn.Module):
         if cfg.planner:
             logits = self.plan_logits(outs[1][:, :-1], words)  # (B, Lp-1, V)
             m = batch["plan_mask"][:, 1:]
-            target = batch["plan_tokens"][:, 1:].masked_fill(~m, -100)  # padding: word plans score it -inf
-            ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none", ignore_index=-100)  # (B, Lp-1)
+            plan_target = batch["plan_tokens"][:, 1:].masked_fill(~m, -100)  # padding: word plans score it -inf
+            ce = F.cross_entropy(logits.transpose(1, 2), plan_target, reduction="none", ignore_index=-100)  # (B, Lp-1)
             m = m.float()
             losses["plan_loss"] = (ce * m).sum() / m.sum().clamp_min(1)
         step_ok = (~batch["action_is_pad"]).float()  # (B, H)
