@@ -83,6 +83,7 @@ class VLAPolicy(Policy):
         self.generator = torch.Generator(device="cpu")
         self.reseed(seed)
         self._plans: dict[int, torch.Tensor] = {}  # slot -> plan token ids (L,) incl. <plan>, no padding
+        self._text_cache: dict[str, torch.Tensor] = {}  # "n:instruction" -> encoded instruction (n, D)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -144,6 +145,7 @@ class VLAPolicy(Policy):
         super().reset(env_index)
         if env_index is None:
             self._plans.clear()
+            self._text_cache.clear()
         else:
             self._plans.pop(int(env_index), None)
 
@@ -178,6 +180,9 @@ class VLAPolicy(Policy):
             replan = bool(decode_plan) or not all(have_plan)
         model_obs = [self.stacked_observation(i, o) for i, o in zip(env_indices, obs_list)]
         batch = dict(self.processor.observation_batch(model_obs, list(instructions), self.device))
+        if cfg.text != "bytes":  # a pretrained encoder runs once per distinct instruction, not per chunk
+            batch["instruction_embeds"] = self.model.cached_instruction_embeds(batch, list(instructions),
+                                                                               self._text_cache)
         if cfg.planner and not replan:
             batch["plan_tokens"], batch["plan_mask"] = self._stored_plans(env_indices)
         gen = self.generator if noise_seed is None else torch.Generator().manual_seed(int(noise_seed))
@@ -208,16 +213,16 @@ class VLAPolicy(Policy):
     def _trim_plan(self, tokens: torch.Tensor) -> torch.Tensor:
         """A decoded plan row (L,) without the padding after its <eos> (kept: <plan> ... <eos>)."""
         tokens = tokens.detach().cpu()
-        eos = (tokens == self.model.tok.eos_id).nonzero()
+        eos = (tokens == self.model.plan_tok.eos_id).nonzero()
         if len(eos):
             return tokens[: int(eos[0, 0]) + 1]
-        return tokens[tokens != self.model.tok.pad_id]
+        return tokens[tokens != self.model.plan_tok.pad_id]
 
     def _stored_plans(self, env_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The envs' last decoded plans, right-padded: ids i64[N, L] and mask bool[N, L]."""
         rows = [self._plans[i] for i in env_indices]
         length = max(len(r) for r in rows)
-        pad = self.model.tok.pad_id
+        pad = self.model.plan_tok.pad_id
         ids = torch.full((len(rows), length), pad, dtype=torch.long)  # (N, L)
         mask = torch.zeros((len(rows), length), dtype=torch.bool)  # (N, L)
         for k, r in enumerate(rows):

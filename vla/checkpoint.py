@@ -218,7 +218,10 @@ def load_policy_bundle(path: str | os.PathLike, device: str | torch.device = "cp
     step_dir = resolve_checkpoint(path)
     cfg = read_config(step_dir)
     model_cfg = model_config_from_dict(cfg["model"])
-    model = VLA(model_cfg)
+    try:
+        model = VLA(model_cfg)
+    except ModuleNotFoundError as e:  # e.g. text=minilm without its package
+        raise ModuleNotFoundError(f"checkpoint {step_dir} (text={model_cfg.text}) cannot be loaded: {e}") from None
     weights = load_tensors(step_dir / ("ema.safetensors" if use_ema else "model.safetensors"))
     load_weights_checked(model, weights, step_dir)
     model.to(device).eval()

@@ -9,6 +9,11 @@ Token sequence of one sample (docs/architecture.md), left to right::
     ACTION  H noisy action tokens                     action   bidirectional; sees PREFIX..STATE
     FRAME   P noisy future-frame patch tokens         frame    bidirectional; sees PREFIX+PLAN+STATE
 
+Instruction tokens are byte embeddings, or with ``text: minilm`` the per-token states of a frozen
+(or ``text_finetune``) pretrained MiniLM projected to the vlm width (`vla.text_encoder`). Plan
+tokens are bytes, or with ``plan_vocab: words`` `vla.tokenizer.PlanVocab` words whose copy slots
+point at instruction words (`plan_logits`).
+
 (``frame: condition`` also lets ACTION see FRAME; then actions and frame share one flow time and
 are integrated jointly.) With ``action_head: discrete`` the state token joins the prefix and the
 ACTION block is ``<sep>`` + H*A action-bin tokens decoded causally by the vlm expert (RT-2 style).
@@ -43,7 +48,7 @@ import torch.nn.functional as F
 from vla.attention import default_visibility, make_attn_mask, token_positions
 from vla.flow import euler_integrate, interpolate, sample_time, time_embedding
 from vla.model_config import VLAConfig, check_batch, conv_strides
-from vla.tokenizer import ByteTokenizer
+from vla.tokenizer import ByteTokenizer, PlanVocab
 
 __all__ = ["VLA", "VLAConfig"]
 
@@ -244,7 +249,24 @@ class VLA(nn.Module):
         sees[FRAME, ACTION] = False  # the frame never reads the noisy actions
         sees[ACTION, FRAME] = cfg.frame == "condition"
         self.register_buffer("sees", sees, persistent=False)
+        self.plan_vocab = PlanVocab(cfg.plan_words, cfg.copy_slots) if cfg.plan_vocab == "words" else None
+        if self.plan_vocab is not None:  # word plans: own embedding (tied with their head) + copy pointer query
+            self.vlm["plan_embed"] = nn.Embedding(self.plan_vocab.vocab_size, d)
+            self.vlm["copy_query"] = nn.Linear(d, d, bias=False)
+        if cfg.text == "minilm":
+            from vla.text_encoder import MINILM
+
+            self.vlm["text_proj"] = nn.Linear(MINILM["hidden_size"], d)  # per-token states -> vlm width
         self.apply(self._init_weights)
+        if cfg.text == "minilm":  # after _init_weights, which would overwrite the pretrained weights
+            from vla.text_encoder import BertEncoder
+
+            self.vlm["text_encoder"] = BertEncoder().load_pretrained().requires_grad_(cfg.text_finetune)
+        self._text_memo: dict[tuple, torch.Tensor] = {}  # frozen encoder: token ids -> states (see encode_instruction)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._text_memo.clear()  # new encoder weights: memoized states are stale
+        super()._load_from_state_dict(*args, **kwargs)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -257,6 +279,11 @@ class VLA(nn.Module):
         elif isinstance(m, AdaRMSNorm):  # `apply` visits children first: re-zero the modulation
             nn.init.zeros_(m.mod.weight)
             nn.init.zeros_(m.mod.bias)
+
+    @property
+    def plan_tok(self) -> ByteTokenizer | PlanVocab:
+        """The tokenizer of the PLAN block (ids of <pad>, <plan>, <eos>): bytes or `PlanVocab`."""
+        return self.tok if self.plan_vocab is None else self.plan_vocab
 
     def expert(self, name: str) -> Expert:
         return self.vlm["expert"] if name == "vlm" or self.cfg.experts == "dense" else getattr(self, name)["expert"]
@@ -279,6 +306,51 @@ class VLA(nn.Module):
         ]
 
     # ------------------------------------------------------------------------------- embedding
+    def encode_instruction(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Instruction tokens (B, Li) -> the prefix's instruction embeddings (B, Li, D).
+
+        bytes: a table lookup. minilm: the encoder's per-token states projected into the vlm width
+        (no pooling). Without ``text_finetune`` the encoder is frozen: it runs without autograd, and
+        its states are memoized per distinct instruction (a store has a few paraphrases per task, so
+        training runs the 22M-parameter encoder a handful of times instead of once per step).
+        """
+        v = self.vlm
+        if self.cfg.text == "bytes":
+            return v["embed"](tokens)  # (B, Li, D)
+        enc = v["text_encoder"]
+        if self.cfg.text_finetune:
+            return v["text_proj"](enc(tokens, mask))  # (B, Li, D)
+        h = tokens.new_zeros(*tokens.shape, enc.width, dtype=torch.float32)  # (B, Li, 384)
+        lengths = mask.sum(1).tolist()
+        for k, n in enumerate(lengths):
+            key = (str(tokens.device), *tokens[k, :n].tolist())
+            if key not in self._text_memo:
+                if len(self._text_memo) >= 4096:  # bounded: a server may see many texts
+                    self._text_memo.clear()
+                with torch.no_grad():
+                    self._text_memo[key] = enc(tokens[k:k + 1, :n], mask[k:k + 1, :n])[0]  # (n, 384)
+            h[k, :n] = self._text_memo[key]
+        return v["text_proj"](h)  # (B, Li, D)
+
+    def cached_instruction_embeds(self, batch: Mapping[str, Any], texts: list[str],
+                                  cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``encode_instruction`` of a batch, each distinct text encoded once and kept in ``cache``.
+
+        For a policy: an episode's instruction does not change, so the encoder runs once per episode
+        instead of once per chunk. Rows are padded to the batch's instruction length (zeros).
+        """
+        ids, mask = batch["instruction_tokens"], batch["instruction_mask"]  # (B, Li) x2
+        out = torch.zeros(*ids.shape, self.cfg.d_model, device=ids.device)  # (B, Li, D)
+        for k, text in enumerate(texts):
+            n = int(mask[k].sum())
+            key = f"{n}:{text}"  # the token count too: the same text truncated differently is another entry
+            if key not in cache:
+                if len(cache) >= 1024:  # a server sees many texts; keep memory bounded
+                    cache.clear()
+                cache[key] = self.encode_instruction(ids[k:k + 1, :n], mask[k:k + 1, :n])[0]  # (n, D)
+            out[k, :n] = cache[key]
+        return out
+
     def embed_prefix(self, batch: Mapping[str, torch.Tensor]) -> Segment:
         cfg, v = self.cfg, self.vlm
         img = batch["images"]  # (B, V, 3, H, W)
@@ -288,15 +360,57 @@ class VLA(nn.Module):
             patches = v["patch"](patchify(img, cfg.patch_size))  # (B, V, Np, D)
         patches = patches + v["patch_pos"].weight[None, None] + v["view"].weight[None, :, None]  # (B, V, Np, D)
         b = img.shape[0]
-        parts = [patches.reshape(b, -1, cfg.d_model), v["embed"](batch["instruction_tokens"])]  # (B,V*Np,D) (B,Li,D)
+        text = batch.get("instruction_embeds")
+        if text is None:
+            text = self.encode_instruction(batch["instruction_tokens"], batch["instruction_mask"])  # (B, Li, D)
+        parts = [patches.reshape(b, -1, cfg.d_model), text]  # (B, V*Np, D) (B, Li, D)
         valid = [torch.ones(parts[0].shape[:2], dtype=torch.bool, device=img.device), batch["instruction_mask"]]
         if cfg.action_head == "discrete":  # the vlm reads the state itself
             parts.append(v["state"](batch["state"])[:, None])  # (B, 1, D)
             valid.append(torch.ones(b, 1, dtype=torch.bool, device=img.device))
         return Segment("vlm", torch.cat(parts, 1), PREFIX, False, torch.cat(valid, 1))
 
-    def embed_plan(self, tokens: torch.Tensor, mask: torch.Tensor) -> Segment:
-        return Segment("vlm", self.vlm["embed"](tokens), PLAN, True, mask)  # (B, Lp, D)
+    def instruction_words(self, batch: Mapping[str, torch.Tensor],
+                          text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word plans' pointer targets: the instruction embedding at each word's first token (B, K, D), ok (B, K).
+
+        ``instruction_word_pos`` (B, K) from the processor gives the token index of instruction word i
+        (-1: no such word, or truncated away). A copy of word i is scored against, and embedded as, this vector.
+        """
+        if text is None:
+            text = batch.get("instruction_embeds")
+            if text is None:
+                text = self.encode_instruction(batch["instruction_tokens"], batch["instruction_mask"])  # (B, Li, D)
+        pos = batch["instruction_word_pos"]  # (B, K)
+        ok = pos >= 0
+        feats = torch.gather(text, 1, pos.clamp_min(0)[..., None].expand(-1, -1, text.shape[-1]))  # (B, K, D)
+        return feats * ok[..., None], ok
+
+    def embed_plan(self, tokens: torch.Tensor, mask: torch.Tensor,
+                   words: tuple[torch.Tensor, torch.Tensor] | None = None) -> Segment:
+        if self.plan_vocab is None:
+            return Segment("vlm", self.vlm["embed"](tokens), PLAN, True, mask)  # (B, Lp, D)
+        x = self.vlm["plan_embed"](tokens)  # (B, Lp, D); a copy slot's row tags "copied word i"
+        slot = tokens - self.plan_vocab.copy_offset  # (B, Lp), >= 0 for copies
+        if words is not None and words[0].shape[1]:
+            feats = torch.gather(words[0], 1, slot.clamp(0, words[0].shape[1] - 1)[..., None].expand_as(x))
+            x = x + feats * (slot >= 0)[..., None]  # a copy also carries the copied word's own embedding
+        return Segment("vlm", x, PLAN, True, mask)
+
+    def plan_logits(self, h: torch.Tensor, words: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Next plan token scores (B, n, V_plan) from vlm outputs h (B, n, D); copy slots point into the instruction."""
+        if self.plan_vocab is None:
+            return self.lm_logits(h)  # (B, n, vocab)
+        pv = self.plan_vocab
+        fixed = h @ self.vlm["plan_embed"].weight[: pv.copy_offset].T  # (B, n, 3 + W)
+        feats, ok = words  # (B, K, D), (B, K)
+        keys = feats + self.vlm["plan_embed"].weight[pv.copy_offset:]  # (B, K, D): the word and its index
+        copy = self.vlm["copy_query"](h) @ keys.transpose(1, 2) / keys.shape[-1] ** 0.5  # (B, n, K)
+        copy = copy.masked_fill(~ok[:, None], float("-inf"))  # only words the instruction has
+        logits = torch.cat([fixed, copy], -1)  # (B, n, V_plan)
+        logits[..., pv.pad_id] = float("-inf")
+        logits[..., pv.plan_id] = float("-inf")
+        return logits
 
     def embed_state(self, state: torch.Tensor) -> Segment:
         x = self.action["state"](state)[:, None]  # (B, 1, Wa); no time cond, so it can be cached
@@ -415,8 +529,13 @@ class VLA(nn.Module):
         actions = batch["actions"]  # (B, H, A)
         b, dev = actions.shape[0], actions.device
         segs = [self.embed_prefix(batch)]
+        words = None
         if cfg.planner:
-            segs.append(self.embed_plan(batch["plan_tokens"], batch["plan_mask"]))
+            if self.plan_vocab is not None:
+                n_img = cfg.num_views * (cfg.image_hw[0] // cfg.patch_size) * (cfg.image_hw[1] // cfg.patch_size)
+                n_text = batch["instruction_tokens"].shape[1]
+                words = self.instruction_words(batch, segs[0].x[:, n_img:n_img + n_text])
+            segs.append(self.embed_plan(batch["plan_tokens"], batch["plan_mask"], words))
         t = batch["time"] if "time" in batch else sample_time(b, dev)  # (B,)
         if cfg.action_head == "flow":
             noise = batch["noise"] if "noise" in batch else torch.randn_like(actions)
@@ -437,9 +556,11 @@ class VLA(nn.Module):
         zero = actions.new_zeros(())
         losses = {"plan_loss": zero, "action_loss": zero, "frame_loss": zero}
         if cfg.planner:
-            logits = self.lm_logits(outs[1][:, :-1])  # (B, Lp-1, V)
-            ce = F.cross_entropy(logits.transpose(1, 2), batch["plan_tokens"][:, 1:], reduction="none")  # (B, Lp-1)
-            m = batch["plan_mask"][:, 1:].float()
+            logits = self.plan_logits(outs[1][:, :-1], words)  # (B, Lp-1, V)
+            m = batch["plan_mask"][:, 1:]
+            plan_target = batch["plan_tokens"][:, 1:].masked_fill(~m, -100)  # padding: word plans score it -inf
+            ce = F.cross_entropy(logits.transpose(1, 2), plan_target, reduction="none", ignore_index=-100)  # (B, Lp-1)
+            m = m.float()
             losses["plan_loss"] = (ce * m).sum() / m.sum().clamp_min(1)
         step_ok = (~batch["action_is_pad"]).float()  # (B, H)
         a_out = outs[-2] if cfg.frame != "off" else outs[-1]
@@ -478,25 +599,36 @@ class VLA(nn.Module):
         steps = num_steps or cfg.flow_steps
         b, dev = batch["images"].shape[0], batch["images"].device
         ctx = [self.embed_prefix(batch)]  # segments run so far (uncached) ...
+        words = None
+        if cfg.planner and self.plan_vocab is not None:
+            n_img = cfg.num_views * (cfg.image_hw[0] // cfg.patch_size) * (cfg.image_hw[1] // cfg.patch_size)
+            words = self.instruction_words(batch, ctx[0].x[:, n_img:n_img + batch["instruction_tokens"].shape[1]])
         cache = self._run(ctx, keep_kv=True)[1] if use_cache else None  # ... or their keys/values
         clock.lap("prefix_s")
         plan_tokens = None
         if cfg.planner:
             if "plan_tokens" in batch:
                 plan_tokens, plan_mask = batch["plan_tokens"], batch["plan_mask"]
-                seg = self.embed_plan(plan_tokens, plan_mask)
+                seg = self.embed_plan(plan_tokens, plan_mask, words)
                 cache = self._run([seg], cache, keep_kv=True)[1] if use_cache else cache
                 ctx.append(seg)
             elif decode_plan:
-                plan_tokens, plan_mask, cache = self._decode(ctx, cache, PLAN, cfg.max_plan_tokens, tok.plan_id, b)
-                ctx.append(self.embed_plan(plan_tokens, plan_mask))
+                plan_tokens, plan_mask, cache = self._decode(ctx, cache, PLAN, cfg.max_plan_tokens,
+                                                             self.plan_tok.plan_id, b, words=words)
+                ctx.append(self.embed_plan(plan_tokens, plan_mask, words))
             else:
                 raise ValueError("VLA.sample: the planner is on but the batch has no 'plan_tokens' "
                                  "and decode_plan=False")
         clock.lap("plan_s")
-        out: dict[str, Any] = {"plan_tokens": plan_tokens, "frame": None,
-                               "plan_text": [tok.decode(r[1:]) for r in plan_tokens] if plan_tokens is not None
-                               else [""] * b}
+        out: dict[str, Any] = {"plan_tokens": plan_tokens, "frame": None, "plan_text": [""] * b}
+        if plan_tokens is not None and self.plan_vocab is None:
+            out["plan_text"] = [tok.decode(r[1:]) for r in plan_tokens]
+        elif plan_tokens is not None:  # copies read the instruction's words
+            texts = batch.get("instruction_text")
+            if texts is None or len(texts) != b:
+                raise ValueError("VLA.sample: word plans need the batch's 'instruction_text' (a list of the "
+                                 "B instruction strings) to spell copied words; build batches with vla.processor")
+            out["plan_text"] = [self.plan_vocab.decode(r, s) for r, s in zip(plan_tokens, texts)]
         if cfg.action_head == "discrete":
             n = cfg.horizon * cfg.action_dim
             ids, _, _ = self._decode(ctx, cache, ACTION, n + 1, tok.sep_id, b, keep_last=False)
@@ -554,19 +686,30 @@ class VLA(nn.Module):
         return unpatchify(patches, self.cfg.patch_size, s, s).clamp(-1, 1)  # (B, 3, s, s)
 
     def _decode(self, ctx: list[Segment], cache: KVCache | None, block: int, max_len: int, first: int, b: int,
-                keep_last: bool = True) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
+                keep_last: bool = True, words: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
         """Greedy causal decoding of a vlm block (plan or discrete actions) after ``ctx``/``cache``.
 
         The plan stops per sample at <eos> (later tokens are padding) or at ``max_len`` tokens; action-bin
         decoding always emits ``max_len - 1`` bins. Returns ids (B, L), mask (B, L) and the extended cache.
         """
-        tok, dev = self.tok, ctx[0].x.device
-        allowed = torch.zeros(tok.vocab_size, dtype=torch.bool, device=dev)
-        if block == PLAN:
+        dev = ctx[0].x.device
+        tok = self.plan_tok if block == PLAN else self.tok
+        words_plan = block == PLAN and self.plan_vocab is not None
+        allowed = torch.ones(tok.vocab_size, dtype=torch.bool, device=dev)  # words: plan_logits masks itself
+        if block == PLAN and not words_plan:
+            allowed[:] = False
             allowed[:256] = True
             allowed[tok.eos_id] = True
-        else:
+        elif block != PLAN:
+            allowed[:] = False
             allowed[tok.action_offset:] = True
+
+        def embed(ids: torch.Tensor, ok: torch.Tensor) -> Segment:
+            if words_plan:
+                return self.embed_plan(ids, ok, words)
+            return Segment("vlm", self.vlm["embed"](ids), block, True, ok)
+
         ids = [torch.full((b, 1), first, dtype=torch.long, device=dev)]
         valid = [torch.ones(b, 1, dtype=torch.bool, device=dev)]
         done = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -574,17 +717,18 @@ class VLA(nn.Module):
             last = step == max_len - 1 or bool(done.all())
             if last and not keep_last:
                 break
-            seg = Segment("vlm", self.vlm["embed"](ids[-1]), block, True, valid[-1])
+            seg = embed(ids[-1], valid[-1])
             if cache is not None:
                 h, cache = self._run([seg], cache, keep_kv=True)
                 h = h[0][:, -1]  # (B, D)
             else:
                 all_ids, all_valid = torch.cat(ids, 1), torch.cat(valid, 1)
-                full = Segment("vlm", self.vlm["embed"](all_ids), block, True, all_valid)
+                full = embed(all_ids, all_valid)
                 h = self._run(ctx + [full])[0][-1][:, -1]  # (B, D)
             if last:
                 break
-            logits = self.lm_logits(h).masked_fill(~allowed, float("-inf"))  # (B, V)
+            logits = (self.plan_logits(h[:, None], words)[:, 0] if words_plan
+                      else self.lm_logits(h)).masked_fill(~allowed, float("-inf"))  # (B, V)
             nxt = torch.where(done, tok.pad_id, logits.argmax(-1))  # (B,)
             valid.append(~done[:, None])
             ids.append(nxt[:, None])

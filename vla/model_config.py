@@ -48,9 +48,14 @@ class VLAConfig:
     flow_steps: int = 10
     action_bins: int = 256
     rope_theta: float = 10000.0
+    text: str = "bytes"  # bytes | minilm (pretrained all-MiniLM-L6-v2, `vla.text_encoder`)
+    text_finetune: bool = False  # minilm: train the encoder too (default frozen)
+    plan_vocab: str = "bytes"  # bytes | words (`vla.tokenizer.PlanVocab`)
+    plan_words: list[str] | None = None  # words: the fixed plan words, filled from the store's subtask table
+    copy_slots: int = 16  # words: plans may copy any of the instruction's first copy_slots words
 
     def __post_init__(self) -> None:
-        for name in ("planner", "knowledge_insulation"):  # YAML/CLI may spell booleans on/off
+        for name in ("planner", "knowledge_insulation", "text_finetune"):  # YAML/CLI may spell booleans on/off
             v = getattr(self, name)
             if isinstance(v, str) and v.lower() in ("on", "off", "true", "false"):
                 setattr(self, name, v.lower() in ("on", "true"))
@@ -81,7 +86,8 @@ class VLAConfig:
             if getattr(self, width) % 2:
                 raise ValueError(f"VLAConfig.{width} must be even (time embedding), got {getattr(self, width)}")
         choices = {"experts": ("mot", "dense"), "action_head": ("flow", "discrete"),
-                   "frame": ("off", "aux", "condition"), "vision": ("patch", "conv")}
+                   "frame": ("off", "aux", "condition"), "vision": ("patch", "conv"), "text": ("bytes", "minilm"),
+                   "plan_vocab": ("bytes", "words")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"VLAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -95,6 +101,17 @@ class VLAConfig:
             self.frame_camera = self.cameras[0]
         if self.frame_camera not in self.cameras:
             raise ValueError(f"VLAConfig.frame_camera {self.frame_camera!r} is not one of cameras {self.cameras}")
+        if self.plan_vocab == "words":
+            if self.plan_words is None or isinstance(self.plan_words, str):
+                raise ValueError(f"VLAConfig.plan_words must be the list of plan words (filled from the store's "
+                                 f"subtask table by VLAConfig.from_store) when plan_vocab='words', "
+                                 f"got {self.plan_words!r}")
+            self.plan_words = [str(w) for w in self.plan_words]
+        if isinstance(self.copy_slots, bool) or not isinstance(self.copy_slots, int) or self.copy_slots < 0:
+            raise ValueError(f"VLAConfig.copy_slots must be an int >= 0, got {self.copy_slots!r}")
+        if self.text == "minilm" and self.max_instruction_tokens < 2:
+            raise ValueError(f"VLAConfig.max_instruction_tokens must be >= 2 with text='minilm' ([CLS] and [SEP]), "
+                             f"got {self.max_instruction_tokens}")
         if self.max_plan_tokens < 2 or self.max_instruction_tokens < 1:
             raise ValueError(f"VLAConfig.max_plan_tokens must be >= 2 (<plan> and <eos>), got {self.max_plan_tokens}")
 
@@ -137,6 +154,9 @@ class VLAConfig:
         sizes = {c: tuple(store.cameras[c]) for c in cams}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"VLAConfig.from_store: all cameras must have one image size, got {sizes}")
+        if d.get("plan_vocab") == "words":
+            d["plan_words"] = plan_words_from_store(store, int(d.get("copy_slots", 16)),
+                                                    int(d.get("max_plan_tokens", cls.max_plan_tokens)))
         return cls.from_dict(d, cameras=cams, image_size=list(sizes[cams[0]]), state_dim=int(store.state_dim),
                              action_dim=int(store.action_dim))
 
@@ -149,6 +169,39 @@ def conv_strides(patch_size: int) -> list[int]:
             strides.append(s)
             n //= s
     return strides if n == 1 and strides else []
+def store_plans(store: Any) -> list[str]:
+    """The full plan of every episode of ``store``: its distinct consecutive subtask labels joined by "; "."""
+    import numpy as np
+
+    names, labels = list(store.subtask_table), store.lowdim("subtask")
+    plans = []
+    for s, e in zip(store.episode_starts, store.episode_ends):
+        lab = np.asarray(labels[int(s):int(e)])
+        if not len(lab):
+            continue
+        first = np.concatenate([[0], np.flatnonzero(np.diff(lab)) + 1])  # first row of each label segment
+        plans.append("; ".join(names[int(j)] for j in lab[first]))
+    return plans
+
+
+def plan_words_from_store(store: Any, copy_slots: int, max_plan_tokens: int) -> list[str]:
+    """The plan vocabulary's fixed words from the store's subtask table; refuses a plan longer than the limit.
+
+    Every later (remaining-subtask) plan of an episode is a suffix of its full plan, so checking the
+    full plans covers every training target.
+    """
+    from vla.tokenizer import PlanVocab
+
+    vocab = PlanVocab.from_subtasks(list(store.subtask_table), copy_slots)
+    plans = store_plans(store)
+    if plans:
+        longest = max(plans, key=vocab.length)
+        if vocab.length(longest) > max_plan_tokens:
+            raise ValueError(f"model.max_plan_tokens={max_plan_tokens} is too small for the longest plan in "
+                             f"{getattr(store, 'path', 'the store')}: {longest!r} needs {vocab.length(longest)} "
+                             f"tokens (<plan> + {vocab.length(longest) - 2} words + <eos>); "
+                             f"raise model.max_plan_tokens to at least {vocab.length(longest)}")
+    return vocab.words
 
 
 def check_batch(cfg: VLAConfig, batch: Mapping[str, Any], training: bool) -> None:
@@ -162,6 +215,8 @@ def check_batch(cfg: VLAConfig, batch: Mapping[str, Any], training: bool) -> Non
     b = batch["images"].shape[0] if isinstance(batch.get("images"), torch.Tensor) else None
     want: dict[str, tuple] = {"images": (b, cfg.num_views, 3, h, w), "state": (b, cfg.state_dim * cfg.n_obs_steps),
                               "instruction_tokens": (b, None), "instruction_mask": (b, None)}
+    if cfg.plan_vocab == "words" and cfg.planner:
+        want.update(instruction_word_pos=(b, cfg.copy_slots))
     if training:
         want.update(actions=(b, cfg.horizon, cfg.action_dim), action_is_pad=(b, cfg.horizon))
         if cfg.planner:

@@ -6,8 +6,12 @@ env observations) and `vla.model.VLA`. It owns every conversion the model must n
     images    u8 [B, n_obs, H, W, 3] per camera -> f32 [B, V, 3, H, W] in [-1, 1],
               V = cameras x n_obs_steps, ordered camera-major (cam0 t0, cam0 t1, ..., cam1 t0, ...)
     state     f32 [B, n_obs, S] raw -> f32 [B, n_obs * S] normalized (oldest step first)
-    text      instruction -> ``instruction_tokens`` i64 [B, Li] + ``instruction_mask``;
+    text      instruction -> ``instruction_tokens`` i64 [B, Li] + ``instruction_mask``
+              (UTF-8 bytes, or WordPiece ids [CLS] ... [SEP] with ``text: minilm``);
               plan -> ``plan_tokens`` = <plan> text <eos> i64 [B, Lp] + ``plan_mask``
+              (bytes, or `vla.tokenizer.PlanVocab` ids with ``plan_vocab: words``, which also adds
+              ``instruction_word_pos`` i64 [B, copy_slots]: the token index of each instruction word,
+              -1 for none; inference batches carry ``instruction_text``, the strings, to spell copies)
               (text longer than ``max_instruction_tokens`` / ``max_plan_tokens`` is truncated)
     actions   f32 [B, H, A] raw -> normalized; ``action_is_pad`` bool [B, H]
     future    u8 [B, H, W, 3] -> ``future_frame`` f32 [B, 3, frame_size, frame_size] in [-1, 1]
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from vla.model import VLAConfig
 from vla.normalize import Normalizer
 from vla.observation import ObservationSpec, validate_observation
-from vla.tokenizer import ByteTokenizer
+from vla.tokenizer import ByteTokenizer, PlanVocab, word_starts
 
 
 def _tensor(x: Any, where: str) -> torch.Tensor:
@@ -52,6 +56,12 @@ class Processor:
         if self.tokenizer.action_bins != config.action_bins:
             raise ValueError(f"Processor: tokenizer has {self.tokenizer.action_bins} action bins, "
                              f"config.action_bins is {config.action_bins}")
+        self.text_tokenizer = None
+        if config.text == "minilm":
+            from vla.text_encoder import WordPieceTokenizer
+
+            self.text_tokenizer = WordPieceTokenizer()
+        self.plan_vocab = PlanVocab(config.plan_words, config.copy_slots) if config.plan_vocab == "words" else None
         for key, dim in (("state", config.state_dim), ("action", config.action_dim)):
             if normalizer.dim(key) != dim:
                 raise ValueError(f"Processor: normalizer '{key}' statistics have dim {normalizer.dim(key)}, "
@@ -105,13 +115,47 @@ class Processor:
         return list(texts)
 
     def tokenize_instructions(self, texts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.tokenizer.batch_encode(texts, self.config.max_instruction_tokens)
+        tok = self.text_tokenizer or self.tokenizer
+        ids, mask = tok.batch_encode(texts, self.config.max_instruction_tokens)
         return ids.to(device), mask.to(device)  # (B, Li) x2
 
-    def tokenize_plans(self, texts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    def instruction_word_pos(self, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        """i64 [B, copy_slots]: the instruction token index where word i starts (-1: no word i, or truncated)."""
+        cfg = self.config
+        pos = torch.full((len(texts), cfg.copy_slots), -1, dtype=torch.long)  # (B, K)
+        for b, text in enumerate(texts):
+            starts = word_starts(text)[: cfg.copy_slots]
+            if self.text_tokenizer is None:  # bytes: a word starts at the byte offset of its first character
+                idx = [len(text[:c].encode("utf-8")) for c in starts]
+                limit = cfg.max_instruction_tokens
+            else:  # WordPiece: the first non-special token whose character span holds the word's start
+                enc = self.text_tokenizer.tok.encode(text)
+                spans = [(j, a, e) for j, ((a, e), special) in enumerate(zip(enc.offsets, enc.special_tokens_mask))
+                         if not special]
+                idx = [next((j for j, a, e in spans if a <= c < e), -1) for c in starts]
+                limit = cfg.max_instruction_tokens - 1  # the encoder keeps [SEP] last when truncating
+            for i, j in enumerate(idx):
+                if 0 <= j < limit:
+                    pos[b, i] = j
+        return pos.to(device)
+
+    def tokenize_plans(self, texts: list[str], device: torch.device | str,
+                       instructions: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.plan_vocab is not None:
+            if instructions is None:
+                raise ValueError("tokenize_plans: word plans need the instructions (copies point into them)")
+            copyable = (self.instruction_word_pos(instructions) >= 0).sum(1).tolist()
+            ids, mask = self.plan_vocab.batch_encode(texts, instructions, self.config.max_plan_tokens, copyable)
+            return ids.to(device), mask.to(device)  # (B, Lp) x2
         tok = self.tokenizer
         ids, mask = tok.batch_encode(texts, self.config.max_plan_tokens, eos=True, first=tok.plan_id)
         return ids.to(device), mask.to(device)  # (B, Lp) x2
+
+    def decode_plan(self, ids: torch.Tensor, instruction: str) -> str:
+        """Text of one plan row (<plan> ... <eos>), bytes or words."""
+        if self.plan_vocab is not None:
+            return self.plan_vocab.decode(ids, instruction)
+        return self.tokenizer.decode(ids[1:])
 
     # ------------------------------------------------------------------------------- batches
     def training_batch(self, batch: Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -137,10 +181,13 @@ class Processor:
         if tuple(pad.shape) != (b, cfg.horizon):
             raise ValueError(f"action_is_pad: expected bool [B={b}, horizon={cfg.horizon}], got {tuple(pad.shape)}")
         out["action_is_pad"] = pad.bool().to(device)
-        out["instruction_tokens"], out["instruction_mask"] = self.tokenize_instructions(
-            self._text(batch["instruction"], "instruction", b), device)
+        instructions = self._text(batch["instruction"], "instruction", b)
+        out["instruction_tokens"], out["instruction_mask"] = self.tokenize_instructions(instructions, device)
         if cfg.planner:
-            out["plan_tokens"], out["plan_mask"] = self.tokenize_plans(self._text(batch["plan"], "plan", b), device)
+            out["plan_tokens"], out["plan_mask"] = self.tokenize_plans(self._text(batch["plan"], "plan", b), device,
+                                                                       instructions)
+            if self.plan_vocab is not None:
+                out["instruction_word_pos"] = self.instruction_word_pos(instructions, device)
         if cfg.frame != "off":
             out["future_frame"] = self.future_frame(batch["future_image"], device)
             fpad = _tensor(batch["future_is_pad"], "future_is_pad").reshape(-1)
@@ -184,8 +231,12 @@ class Processor:
             raise ValueError(f"observation_batch: observations differ in shape: {e}") from None
         out: dict[str, Any] = {"images": self._images(stacked, device), "state": self._state(state, device)}
         out["instruction_tokens"], out["instruction_mask"] = self.tokenize_instructions(instructions, device)
+        if cfg.planner and self.plan_vocab is not None:
+            out["instruction_word_pos"] = self.instruction_word_pos(instructions, device)
+            out["instruction_text"] = list(instructions)
         if plans is not None and cfg.planner:
-            out["plan_tokens"], out["plan_mask"] = self.tokenize_plans(self._text(list(plans), "plans", b), device)
+            out["plan_tokens"], out["plan_mask"] = self.tokenize_plans(self._text(list(plans), "plans", b), device,
+                                                                       instructions)
         return out
 
     def unnormalize_actions(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

@@ -14,6 +14,7 @@ character). The tokenizer serializes to JSON and is saved with every checkpoint.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -105,3 +106,147 @@ class ByteTokenizer:
         if list(d.get("special_tokens", SPECIAL_TOKENS)) != list(SPECIAL_TOKENS):
             raise ValueError(f"ByteTokenizer.from_dict: special tokens {d.get('special_tokens')} != {SPECIAL_TOKENS}")
         return cls(action_bins=int(d["action_bins"]))
+
+
+# ----------------------------------------------------------------------------------------------- word plans
+WORD_RE = re.compile(r"\w+|[^\w\s]")  # a word, or one punctuation mark ("reach the handle; pull" -> 5 words)
+PLAN_SPECIALS = ("<pad>", "<plan>", "<eos>")
+
+
+def split_words(text: str) -> list[str]:
+    """Words and punctuation marks of ``text``, case kept (see `WORD_RE`)."""
+    return WORD_RE.findall(text)
+
+
+def word_starts(text: str) -> list[int]:
+    """Character offset of every word `split_words` returns."""
+    return [m.start() for m in WORD_RE.finditer(text)]
+
+
+def join_words(words: list[str]) -> str:
+    """Inverse of `split_words` for normally spaced text: punctuation attaches to the word before it."""
+    out = ""
+    for w in words:
+        out += w if (not out or not WORD_RE.fullmatch(w) or not (w[0].isalnum() or w[0] == "_")) else " " + w
+    return out
+
+
+class PlanVocab:
+    """Word-level plan tokens: a fixed vocabulary from the store's subtask table plus copy slots.
+
+    Ids::
+
+        0 <pad>  1 <plan>  2 <eos>
+        3 .. 3+W-1              the W fixed words (every word of every subtask label, sorted)
+        3+W .. 3+W+K-1          "copy instruction word i", i = 0..K-1
+
+    A plan word that also occurs in the instruction is encoded as a copy of its first occurrence
+    (when i < K), otherwise as its fixed id; a word that is in neither is refused. Preferring the
+    copy is what makes names generalize: training plans name their objects by pointing into the
+    instruction, so at test time "purple" in a new instruction is reachable though no training plan
+    contained it. Decoding emits only fixed words and words of the instruction, so a plan cannot be
+    misspelled. The model scores copy slots by pointing at the instruction's tokens (`vla.model`).
+    """
+
+    version = 1
+
+    def __init__(self, words: list[str], copy_slots: int) -> None:
+        words = [str(w) for w in words]
+        bad = [w for w in words if split_words(w) != [w]]
+        if bad:
+            raise ValueError(f"PlanVocab: entries must be single words or punctuation marks, got {bad[:5]}")
+        if len(set(words)) != len(words):
+            raise ValueError("PlanVocab: duplicate words")
+        if isinstance(copy_slots, bool) or not isinstance(copy_slots, int) or copy_slots < 0:
+            raise ValueError(f"PlanVocab: copy_slots must be an int >= 0, got {copy_slots!r}")
+        self.words, self.copy_slots = words, copy_slots
+        self.pad_id, self.plan_id, self.eos_id = range(len(PLAN_SPECIALS))
+        self.word_offset = len(PLAN_SPECIALS)
+        self.copy_offset = self.word_offset + len(words)
+        self.vocab_size = self.copy_offset + copy_slots
+        self._id = {w: self.word_offset + i for i, w in enumerate(words)}
+
+    @classmethod
+    def from_subtasks(cls, subtasks: list[str], copy_slots: int) -> PlanVocab:
+        """The words of every subtask label (plus ";", the plan separator), each label checked to round-trip."""
+        words = {";"}
+        for label in subtasks:
+            split = split_words(label)
+            if join_words(split) != label:
+                raise ValueError(f"PlanVocab: subtask label {label!r} does not survive word splitting "
+                                 f"(reads back as {join_words(split)!r}); use single spaces between words")
+            words.update(split)
+        return cls(sorted(words), copy_slots)
+
+    def encode(self, plan: str, instruction: str = "", max_len: int | None = None,
+               copyable: int | None = None) -> list[int]:
+        """<plan> word ids <eos>; with ``max_len`` the words are truncated so that all of it fits.
+
+        ``copyable``: only the instruction's first ``copyable`` words may be copied (the model sees no
+        more of it, e.g. a truncated instruction); default all of the first ``copy_slots``.
+        """
+        if not isinstance(plan, str) or not isinstance(instruction, str):
+            raise ValueError(f"PlanVocab.encode: expected str plan and instruction, got "
+                             f"{type(plan).__name__}, {type(instruction).__name__}")
+        first_at: dict[str, int] = {}
+        n_copy = self.copy_slots if copyable is None else min(self.copy_slots, copyable)
+        for i, w in enumerate(split_words(instruction)[:n_copy]):
+            first_at.setdefault(w, i)
+        ids = []
+        for w in split_words(plan):
+            if w in first_at:
+                ids.append(self.copy_offset + first_at[w])
+            elif w in self._id:
+                ids.append(self._id[w])
+            else:
+                raise ValueError(f"PlanVocab.encode: word {w!r} of plan {plan!r} is neither in the plan vocabulary "
+                                 f"(built from the store's subtask table) nor in the instruction {instruction!r}")
+        if max_len is not None:
+            if max_len < 2:
+                raise ValueError(f"PlanVocab.encode: max_len={max_len} leaves no room for <plan> and <eos>")
+            ids = ids[: max_len - 2]
+        return [self.plan_id] + ids + [self.eos_id]
+
+    def decode(self, ids: list[int] | np.ndarray | torch.Tensor, instruction: str = "") -> str:
+        """Text of plan ids (a leading <plan> is skipped; stops at <eos>; copies read the instruction)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        inst = split_words(instruction)
+        out = []
+        for i in np.asarray(ids).reshape(-1).tolist():
+            if i == self.eos_id:
+                break
+            if self.word_offset <= i < self.copy_offset:
+                out.append(self.words[i - self.word_offset])
+            elif self.copy_offset <= i < self.vocab_size and i - self.copy_offset < len(inst):
+                out.append(inst[i - self.copy_offset])
+        return join_words(out)
+
+    def batch_encode(self, plans: list[str], instructions: list[str], max_len: int,
+                     copyable: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids i64[B, L] and mask bool[B, L] of <plan> words <eos>, L = longest (<= max_len)."""
+        copyable = [None] * len(plans) if copyable is None else copyable
+        rows = [self.encode(p, s, max_len, c) for p, s, c in zip(plans, instructions, copyable, strict=True)]
+        length = max([1] + [len(r) for r in rows])
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # (B, L)
+        mask = torch.zeros((len(rows), length), dtype=torch.bool)  # (B, L)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[b, : len(r)] = True
+        return ids, mask
+
+    def length(self, plan: str) -> int:
+        """Tokens of ``plan`` in the plan block, <plan> and <eos> included (copies and words count alike)."""
+        return len(split_words(plan)) + 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "PlanVocab", "version": self.version, "words": list(self.words),
+                "copy_slots": self.copy_slots, "special_tokens": list(PLAN_SPECIALS)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PlanVocab:
+        if d.get("type") != "PlanVocab":
+            raise ValueError(f"PlanVocab.from_dict: expected type 'PlanVocab', got {d.get('type')!r}")
+        if int(d.get("version", 0)) > cls.version:
+            raise ValueError(f"PlanVocab.from_dict: version {d.get('version')} is newer than {cls.version}")
+        return cls(list(d["words"]), int(d["copy_slots"]))

@@ -3,6 +3,7 @@
     vla bench inference                                  # presets tiny,small on the CPU, batch 1, fp32
     vla bench inference presets=[tiny] repeats=5 cameras=2
     vla bench inference presets=[small,base] device=cuda dtype=bf16
+    vla bench inference presets=[tiny] plan_vocabs=[bytes,words]   # + plan decode: byte vs word plans
 
 For each preset (random weights; one or more ``image_size`` cameras, state 4, action 4) it times
 `VLA.sample` at batch ``batch``:
@@ -17,6 +18,10 @@ For each preset (random weights; one or more ``image_size`` cameras, state 4, ac
   attention) for the cached chunk with a given plan of ``plan_len`` tokens; ``achieved_frac_of_peak``
   divides the achieved FLOP/s by the matmul peak measured in the same run (square fp32 matmuls,
   or bf16 when ``dtype=bf16``).
+* ``plan_vocabs=[bytes,words]`` adds ``plan_decode_by_vocab``: per plan vocabulary, the greedy decode
+  of the 4-step plan ``PLAN_4`` (the model is capped at exactly that plan's token count, since random
+  weights never stop early), so "before" (bytes) and "after" (words) decode the same plan in one run;
+  with ``words`` also ``minilm_encode_s``, the once-per-episode cost of the pretrained text encoder.
 """
 
 from __future__ import annotations
@@ -39,12 +44,18 @@ DEFAULTS: dict[str, Any] = {
     "plan_len": 24,
     "peak_sizes": [1024, 2048],
     "threads": 0,
+    "plan_vocabs": [],
 }
+PLAN_4 = "open the drawer; pick up the red cube; put it in the drawer; close the drawer"
+INSTRUCTION = "put the red cube in the drawer and close it"
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
     """``key=value`` overrides, typed by ``DEFAULTS`` (see :func:`vla.bench.parse_bench_args`)."""
     args = parse_bench_args("inference", argv, DEFAULTS, int_lists=("peak_sizes",))
+    bad = [v for v in args["plan_vocabs"] if v not in ("bytes", "words")]
+    if bad:
+        raise ValueError(f"vla bench inference: plan_vocabs entries must be bytes or words, got {bad}")
     if args["dtype"] not in ("fp32", "bf16"):
         raise ValueError(f"vla bench inference: dtype must be fp32 or bf16, got '{args['dtype']}'")
     return args
@@ -154,6 +165,70 @@ def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float) ->
     return result
 
 
+def bench_plan_vocabs(name: str, args: dict[str, Any], device) -> dict[str, Any]:
+    """Greedy decode time of `PLAN_4` per plan vocabulary (same preset, same run); see the module docstring."""
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    from vla.config import compose
+    from vla.model import VLA, VLAConfig
+    from vla.normalize import Normalizer
+    from vla.processor import Processor
+    from vla.tokenizer import ByteTokenizer, PlanVocab, split_words
+
+    mcfg = OmegaConf.to_container(compose("train", [f"model={name}", "dataset.path=unused"]).model)
+    mcfg = {k: v for k, v in mcfg.items() if k not in ("preset", "name")}
+    size, b = int(args["image_size"]), int(args["batch"])
+    words = sorted(set(split_words(PLAN_4)) | {";"})
+    lengths = {"bytes": len(ByteTokenizer().encode(PLAN_4)) + 2, "words": PlanVocab(words, 16).length(PLAN_4)}
+    stats = {k: {"q01": [-1.0] * 4, "q99": [1.0] * 4, "min": [-1.0] * 4, "max": [1.0] * 4, "mean": [0.0] * 4,
+                 "std": [1.0] * 4} for k in ("state", "action")}
+    out: dict[str, Any] = {"plan": PLAN_4, "instruction": INSTRUCTION}
+    for vocab in args["plan_vocabs"]:
+        extra = {"plan_vocab": vocab, "plan_words": words} if vocab == "words" else {}
+        cfg = VLAConfig.from_dict(mcfg, cameras=[f"cam{i}" for i in range(int(args["cameras"]))], image_size=size,
+                                  state_dim=4, action_dim=4, planner=True, max_plan_tokens=lengths[vocab], **extra)
+        torch.manual_seed(0)
+        model = VLA(cfg).to(device).eval()
+        norm = Normalizer({k: {s: np.asarray(v, np.float32) for s, v in d.items()} for k, d in stats.items()})
+        proc = Processor(cfg, norm)
+        g = torch.Generator().manual_seed(0)
+        obs = [{"images": {c: torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+                           for c in cfg.cameras}, "state": [0.0] * 4}] * b
+        batch = proc.observation_batch(obs, [INSTRUCTION] * b, device)
+        times = []
+        for _ in range(int(args["repeats"]) + 1):  # the first is a warm-up
+            timings: dict[str, float] = {}
+            with torch.no_grad():
+                res = model.sample(batch, use_cache=True, decode_plan=True, timings=timings)
+            times.append(timings)
+        plan_s = statistics.median(t["plan_s"] for t in times[1:])
+        total = statistics.median(sum(t.values()) for t in times[1:])
+        out[vocab] = {"plan_tokens": int(res["plan_tokens"].shape[1]), "plan_s": plan_s,
+                      "s_per_token": plan_s / res["plan_tokens"].shape[1], "chunk_s": total,
+                      "plan_share_of_chunk": plan_s / total}
+    if "bytes" in out and "words" in out:
+        out["plan_speedup_words_vs_bytes"] = out["bytes"]["plan_s"] / out["words"]["plan_s"]
+    if "words" in args["plan_vocabs"]:
+        try:
+            from vla.text_encoder import BertEncoder, WordPieceTokenizer
+        except ImportError:
+            return out
+        enc, wp = BertEncoder().load_pretrained().to(device).eval(), WordPieceTokenizer()
+        ids, mask = wp.batch_encode([INSTRUCTION] * b, 48)
+        ids, mask = ids.to(device), mask.to(device)
+        runs = []
+        for _ in range(int(args["repeats"]) + 1):
+            t = time.perf_counter()
+            with torch.no_grad():
+                enc(ids, mask)
+            _sync(device)
+            runs.append(time.perf_counter() - t)
+        out["minilm_encode_s"] = statistics.median(runs[1:])
+    return out
+
+
 def main(argv: list[str]) -> int:
     import os
 
@@ -179,5 +254,7 @@ def main(argv: list[str]) -> int:
     }
     for name in args["presets"]:
         report["presets"][name] = bench_preset(name, args, device, peak)
+        if args["plan_vocabs"]:
+            report["presets"][name]["plan_decode_by_vocab"] = bench_plan_vocabs(name, args, device)
     print(json.dumps(report, indent=1))
     return 0
