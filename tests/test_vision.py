@@ -54,3 +54,23 @@ def test_conv_vision_refuses_patch_sizes_it_cannot_reach():
         tiny_config(vision="conv", image_size=20, patch_size=5)
     with pytest.raises(ValueError, match="VLAConfig.vision must be one of"):
         tiny_config(vision="resnet")
+
+
+def test_film_starts_as_the_plain_stem_and_makes_tokens_depend_on_the_instruction():
+    cfg = tiny_config(vision="conv", vision_film=True, image_size=16, patch_size=4)
+    torch.manual_seed(0)
+    film = VLA(cfg)
+    plain = VLA(tiny_config(vision="conv", image_size=16, patch_size=4))
+    plain.load_state_dict({k: v for k, v in film.state_dict().items() if "films" not in k})
+    batch = model_batch(cfg)
+    assert torch.equal(film.embed_prefix(batch).x, plain.embed_prefix(batch).x)  # zero-init FiLM = identity
+    with torch.no_grad():
+        for f in film.vlm["patch"].films:
+            f.weight.normal_(0, 0.5)
+    other = dict(batch, instruction_tokens=batch["instruction_tokens"].flip(0), instruction_mask=batch[
+        "instruction_mask"].flip(0))
+    n_img = 16 // 4 * (16 // 4)
+    a, b = film.embed_prefix(batch).x[:, :n_img], film.embed_prefix(other).x[:, :n_img]
+    assert not torch.allclose(a, b)  # same pixels, other instruction: other image tokens
+    with pytest.raises(ValueError, match="vision_film=true needs vision='conv'"):
+        tiny_config(vision_film=True)

@@ -134,23 +134,35 @@ class ConvStem(nn.Module):
     A linear map of raw patches must learn where a 4-pixel object sits inside its patch from few
     demonstrations; a few conv layers see it at full resolution first. Channels double per stage,
     then a 1x1 conv reaches the model width. (B*V, 3, H, W) -> (B*V, H/p * W/p, D), row-major like `patchify`.
+    With ``film`` every stage's features are scaled and shifted by the instruction (FiLM, as in
+    RT-1 and BC-Z: the text picks which colours and shapes the early features keep); zero-initialised,
+    so training starts from the plain stem.
     """
 
-    def __init__(self, strides: list[int], width: int, base: int = 32) -> None:
+    def __init__(self, strides: list[int], width: int, base: int = 32, film: bool = False) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
+        self.convs = nn.ModuleList()
+        self.films = nn.ModuleList() if film else None
         c_in = 3
         for i, s in enumerate(strides):
             c_out = min(base * 2 ** i, width)
             # No normalization over the image (GroupNorm/BatchNorm): a token must depend on its own
             # neighbourhood only, as a patch embedding does.
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1 if s == 2 else 0), nn.GELU(approximate="tanh")]
+            self.convs.append(nn.Conv2d(c_in, c_out, 3, stride=s, padding=1 if s == 2 else 0))
+            if self.films is not None:
+                self.films.append(nn.Linear(width, 2 * c_out))
             c_in = c_out
-        layers.append(nn.Conv2d(c_in, width, 1))
-        self.net = nn.Sequential(*layers)
+        self.out = nn.Conv2d(c_in, width, 1)
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return self.net(img).flatten(2).transpose(1, 2)  # (B*V, Np, D)
+    def forward(self, img: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        x = img  # (N, 3, H, W)
+        for i, conv in enumerate(self.convs):
+            x = conv(x)  # (N, C, h, w)
+            if self.films is not None and cond is not None:
+                scale, shift = self.films[i](cond).chunk(2, dim=-1)  # (N, C) x2
+                x = x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+            x = F.gelu(x, approximate="tanh")
+        return self.out(x).flatten(2).transpose(1, 2)  # (N, Np, D)
 
 
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
@@ -224,7 +236,8 @@ class VLA(nn.Module):
         dense = cfg.experts == "dense"
         h, w = cfg.image_hw
         self.vlm = nn.ModuleDict({
-            "patch": nn.Linear(3 * p * p, d) if cfg.vision == "patch" else ConvStem(conv_strides(p), d),
+            "patch": (nn.Linear(3 * p * p, d) if cfg.vision == "patch"
+                      else ConvStem(conv_strides(p), d, film=cfg.vision_film)),
             "patch_pos": nn.Embedding((h // p) * (w // p), d),  # 2D position of a patch in its view
             "view": nn.Embedding(cfg.num_views, d),  # camera x history step
             "embed": nn.Embedding(self.tok.vocab_size, d),  # tied with the LM head
@@ -279,6 +292,10 @@ class VLA(nn.Module):
         elif isinstance(m, AdaRMSNorm):  # `apply` visits children first: re-zero the modulation
             nn.init.zeros_(m.mod.weight)
             nn.init.zeros_(m.mod.bias)
+        elif isinstance(m, ConvStem) and m.films is not None:  # FiLM starts as the identity
+            for f in m.films:
+                nn.init.zeros_(f.weight)
+                nn.init.zeros_(f.bias)
 
     @property
     def plan_tok(self) -> ByteTokenizer | PlanVocab:
@@ -354,15 +371,19 @@ class VLA(nn.Module):
     def embed_prefix(self, batch: Mapping[str, torch.Tensor]) -> Segment:
         cfg, v = self.cfg, self.vlm
         img = batch["images"]  # (B, V, 3, H, W)
-        if cfg.vision == "conv":
-            patches = v["patch"](img.flatten(0, 1)).unflatten(0, img.shape[:2])  # (B, V, Np, D)
-        else:
-            patches = v["patch"](patchify(img, cfg.patch_size))  # (B, V, Np, D)
-        patches = patches + v["patch_pos"].weight[None, None] + v["view"].weight[None, :, None]  # (B, V, Np, D)
-        b = img.shape[0]
+        b, nv = img.shape[:2]
         text = batch.get("instruction_embeds")
         if text is None:
             text = self.encode_instruction(batch["instruction_tokens"], batch["instruction_mask"])  # (B, Li, D)
+        if cfg.vision == "conv":
+            cond = None
+            if cfg.vision_film:  # the instruction's mean token, once per view
+                m = batch["instruction_mask"].to(text.dtype)[..., None]  # (B, Li, 1)
+                cond = ((text * m).sum(1) / m.sum(1).clamp_min(1)).repeat_interleave(nv, 0)  # (B*V, D)
+            patches = v["patch"](img.flatten(0, 1), cond).unflatten(0, (b, nv))  # (B, V, Np, D)
+        else:
+            patches = v["patch"](patchify(img, cfg.patch_size))  # (B, V, Np, D)
+        patches = patches + v["patch_pos"].weight[None, None] + v["view"].weight[None, :, None]  # (B, V, Np, D)
         parts = [patches.reshape(b, -1, cfg.d_model), text]  # (B, V*Np, D) (B, Li, D)
         valid = [torch.ones(parts[0].shape[:2], dtype=torch.bool, device=img.device), batch["instruction_mask"]]
         if cfg.action_head == "discrete":  # the vlm reads the state itself
