@@ -13,10 +13,13 @@ cd "$(dirname "$0")/.."
 FAMILIES="${FAMILIES:-pick-place,pick-place-two}"
 EPISODES="${EPISODES:-100}"          # demonstrations per family (training seeds 0..EPISODES-1)
 IMAGE="${IMAGE:-96}"                 # px; objects are ~4 px wide at 64 (docs/RESULTS.md)
-STEPS="${STEPS:-3000}"               # training steps at batch 32
+STEPS="${STEPS:-1500}"               # training steps at batch 32
 EVAL_EPISODES="${EVAL_EPISODES:-25}" # per family, seeds from 1,000,000 (never collected)
 SPLIT="${SPLIT:-paraphrase}"         # paraphrase: held-out wording | eval: + held-out objects | train
 OUT="${OUT:-outputs/demo}"
+# The tabletop recipe (docs/RESULTS.md): pretrained MiniLM text with word-level plans, a conv stem
+# over 16 px patches whose features the instruction modulates (FiLM), task-balanced draws.
+RECIPE="${RECIPE:-text=minilm model.vision=conv model.vision_film=true model.patch_size=16 dataset.balance=task}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"         # extra `vla train` overrides (recipe experiments)
 
 start=$(date +%s)
@@ -34,7 +37,7 @@ vla dataset info "$OUT/demos.zarr" | head -12
 echo "== 2/3 train: one tiny VLA for every family, $STEPS steps on the CPU"
 # shellcheck disable=SC2086
 vla train dataset.path="$OUT/demos.zarr" model=tiny trainer=cpu trainer.steps="$STEPS" \
-  trainer.progress=false trainer.log_every=250 run_dir="$OUT/train" $TRAIN_ARGS
+  trainer.progress=false trainer.log_every=250 run_dir="$OUT/train" $RECIPE $TRAIN_ARGS
 
 echo "== 3/3 evaluate: $EVAL_EPISODES episodes per family on unseen seeds, instruction split '$SPLIT'"
 vla eval checkpoint="$OUT/train" episodes="$EVAL_EPISODES" n_envs=2 instruction_split="$SPLIT" \

@@ -26,12 +26,16 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 @torch.no_grad()
-def chunk_flops(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> int:
+def chunk_flops(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+                instructions: list[str] | None = None) -> int:
     """FLOPs of one action chunk at batch 1 (KV-cached prefix; plan decoded when the model plans),
     from the first sample of a training batch (`Processor.training_batch`)."""
     training_only = ("actions", "action_is_pad", "plan_tokens", "plan_mask", "future_frame", "future_is_pad",
                      "noise", "time", "frame_noise")
-    one = {k: v[:1] for k, v in batch.items() if k not in training_only and torch.is_tensor(v)}
+    one = {k: v[:1] for k, v in batch.items()
+           if k not in training_only and (torch.is_tensor(v) or isinstance(v, list))}
+    if instructions is not None:  # word plans spell copied words from the instruction text
+        one["instruction_text"] = list(instructions[:1])
     was_training = model.training
     model.eval()
     try:

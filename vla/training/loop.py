@@ -344,7 +344,8 @@ class Trainer:
                 raw = next(it)
                 t_wait += time.perf_counter() - t0
                 if flops is None and not info.distributed:  # FLOPs of one inference chunk, for `vla report`
-                    flops = chunk_flops(self.raw_model, self.processor.training_batch(raw, self.device))
+                    first = self.processor.training_batch(raw, self.device)
+                    flops = chunk_flops(self.raw_model, first, raw["instruction"])
                 metrics = self.train_step(raw)
                 n_seen += self.batch_size * info.world_size
                 acc.add(metrics)
