@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # folder in the repository -> the package it installs as (pyproject's package-dir)
 PACKAGES = {"vla": "vla", "envs": "vla.envs", "policies": "vla.policies", "datasets": "vla.datasets"}
-CORE = ["__init__", "attention", "checkpoint", "flow", "model", "model_config", "normalize", "observation",
-        "processor", "tokenizer"]
+CORE = ["__init__", "attention", "checkpoint", "flops", "flow", "model", "model_config", "normalize", "observation",
+        "processor", "tokenizer", "text_encoder"]
 APPLICATIONS = ["vla.training", "vla.evaluation", "vla.serving", "vla.commands", "vla.bench", "vla.cli",
                 "vla.config", "vla.__main__"]
 
