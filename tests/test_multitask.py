@@ -61,7 +61,8 @@ def test_per_task_means_and_accumulator_count_each_key_separately():
 
 
 def test_training_logs_per_task_losses_with_balance(tmp_path):
-    from tests.train_utils import make_store, train_cfg
+    from train_utils import make_store, train_cfg
+
     from vla.training.loop import train
 
     store = make_store(tmp_path / "s.zarr", episodes=4, length=10)

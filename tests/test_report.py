@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.train_utils import TINY, make_store
+from train_utils import TINY, make_store
 
 
 def _fake_run(root: Path, name: str, cfg: dict, per_task: dict[str, tuple[int, int]], params: int = 1000) -> Path:
