@@ -126,3 +126,53 @@ def check_resume_state(st: dict[str, Any], where: str, *, total_steps: int, stop
     if st.get("optimizer_format", "torch") != optimizer_format:
         raise ValueError(f"resume {where}: the optimizer state was saved under trainer.strategy="
                          f"'{st.get('strategy')}', this run uses '{strategy}'; resume with the same strategy")
+
+
+# What `vla train resume=RUN_DIR KEY=VALUE ...` may change: bookkeeping that leaves every step's
+# result as it was. Anything else (model, data, schedule, seed, augmentation) is refused by name.
+RESUME_OVERRIDES = ("trainer.stop_at", "trainer.log_every", "trainer.ckpt_every", "trainer.keep_last",
+                    "trainer.num_workers", "trainer.num_threads", "trainer.progress", "trainer.val_every",
+                    "trainer.val_batches", "dataset.path", "dataset.in_memory", "run_dir", "eval", "wandb",
+                    "device", "output_root", "name")
+
+
+def resume_config(resume: str, overrides: list[str]) -> DictConfig:
+    """The config to continue the run at ``resume`` with: the run's own saved train config, with
+    the few ``overrides`` in :data:`RESUME_OVERRIDES` applied (others refused, naming the key).
+
+    ``trainer.stop_at`` of the saved run is dropped (the continued run goes to ``trainer.steps``)
+    unless given again, and ``run_dir`` becomes the resumed run's folder (wherever it lies now).
+    Keys added to ``configs/train.yaml`` after the run was saved take their defaults.
+    """
+    import yaml
+
+    from vla import checkpoint as ckpt
+    from vla.config import compose
+
+    step_dir = ckpt.resolve_checkpoint(resume)
+    saved = ckpt.read_config(step_dir).get("train")
+    if not saved:
+        raise ValueError(f"resume {step_dir}: config.json holds no training config (was it written by vla train?)")
+    updates: dict[str, Any] = {}
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep or key.startswith(("+", "~")):
+            raise ValueError(f"resume: expected KEY=VALUE overrides of existing keys, got '{o}'")
+        if key == "resume":
+            continue
+        if not any(key == k or key.startswith(k + ".") for k in RESUME_OVERRIDES):
+            raise ValueError(f"resume: '{key}' cannot change when resuming (it changes what the run computes: model, "
+                             f"data or schedule; the run's saved value stays). Changeable: {', '.join(RESUME_OVERRIDES)}")
+        updates[key] = yaml.safe_load(value) if value else None
+    base = compose("train", [f"dataset.path={saved.get('dataset', {}).get('path') or 'unset'}"])
+    OmegaConf.set_struct(base, False)
+    model = saved.get("model")
+    cfg = OmegaConf.merge(base, OmegaConf.create(saved))
+    if model is not None:
+        cfg.model = OmegaConf.create(model)  # exactly the saved model section, no preset defaults mixed in
+    cfg.trainer.stop_at = None
+    cfg.run_dir = str(step_dir.parent.parent)
+    for key, value in updates.items():
+        OmegaConf.update(cfg, key, value, merge=False, force_add=False)
+    cfg.resume = str(step_dir)
+    return cfg
