@@ -54,7 +54,8 @@ def test_mapping_errors_name_the_key():
     # DROID-style state from two keys, concatenated in order
     droid = OpenpiMapping.from_config({"state": ["observation/joint_position", "observation/gripper_position"]}, cams)
     r = droid.to_request({"observation/corner": np.zeros((8, 8, 3), np.uint8), "prompt": "go",
-                          "observation/joint_position": np.arange(3.0), "observation/gripper_position": np.array([7.0])}, cams, 4)
+                          "observation/joint_position": np.arange(3.0),
+                          "observation/gripper_position": np.array([7.0])}, cams, 4)
     assert r["observation"]["state"].tolist() == [0.0, 1.0, 2.0, 7.0]
 
 
@@ -132,8 +133,8 @@ def test_openpi_client_against_vla_serve_command(tiny_run):
 def test_openpi_client_api_key(tiny_run):
     """Wrong and missing keys are refused at the handshake (HTTP 401); the right key is served."""
     import websockets.exceptions
-
     from vla.policies import VLAPolicy
+
     from vla.serving import PolicyClient
 
     with PolicyServer(VLAPolicy.from_checkpoint(tiny_run), port=0, protocol="openpi", api_key="s3cret-key",

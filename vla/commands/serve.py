@@ -52,7 +52,9 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {e}") from None
     meta = server.metadata
-    print(f"serving {pcfg['checkpoint']} ({cfg.protocol} protocol{', API key required' if api_key else ''}) on ws://{cfg.host}:{server.port} (health: http://{cfg.host}:{server.port}/healthz)")
+    auth = ", API key required" if api_key else ""
+    print(f"serving {pcfg['checkpoint']} ({cfg.protocol} protocol{auth}) on ws://{cfg.host}:{server.port} "
+          f"(health: http://{cfg.host}:{server.port}/healthz)")
     print(f"cameras {meta['cameras']}, state_dim {meta['state_dim']}, action_dim {meta['action_dim']}, "
           f"horizon {meta['horizon']}", flush=True)
     try:

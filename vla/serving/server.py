@@ -185,7 +185,8 @@ def read_api_key(path: str) -> str:
         raise ValueError(f"api_key_file: {p} is not a file")
     key = p.read_text().strip()
     if not key or any(c.isspace() for c in key):
-        raise ValueError(f"api_key_file: {p} must hold one key without spaces, got {'nothing' if not key else 'spaces'}")
+        got = "nothing" if not key else "spaces"
+        raise ValueError(f"api_key_file: {p} must hold one key without spaces, got {got}")
     return key
 
 

@@ -161,8 +161,9 @@ def resume_config(resume: str, overrides: list[str]) -> DictConfig:
         if key == "resume":
             continue
         if not any(key == k or key.startswith(k + ".") for k in RESUME_OVERRIDES):
-            raise ValueError(f"resume: '{key}' cannot change when resuming (it changes what the run computes: model, "
-                             f"data or schedule; the run's saved value stays). Changeable: {', '.join(RESUME_OVERRIDES)}")
+            raise ValueError(f"resume: '{key}' cannot change when resuming (it changes what the run computes: "
+                             f"model, data or schedule; the run's saved value stays). Changeable: "
+                             f"{', '.join(RESUME_OVERRIDES)}")
         updates[key] = yaml.safe_load(value) if value else None
     base = compose("train", [f"dataset.path={saved.get('dataset', {}).get('path') or 'unset'}"])
     OmegaConf.set_struct(base, False)
