@@ -351,3 +351,20 @@ def test_non_loopback_bind_needs_a_key_or_explicit_permission(tiny_run):
         serve.main([f"checkpoint={tiny_run}", "host=0.0.0.0", "port=0"])
     PolicyServer(EchoPolicy(), host="0.0.0.0", port=0, allow_no_auth=True)  # constructed, not bound
     PolicyServer(EchoPolicy(), host="0.0.0.0", port=0, api_key="k")
+
+
+def test_bench_serve_reports_both_modes(capsys):
+    import json
+
+    from vla.bench import serve as bench_serve
+
+    assert bench_serve.main(["clients=3", "requests=2", "warmup=0", "image_size=32", "num_flow_steps=2",
+                             "batch_wait_ms=20000", "max_batch=3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    serial, batched = report["modes"]["serial"], report["modes"]["batched"]
+    assert serial["requests"] == batched["requests"] == 6
+    assert serial["mean_batch_size"] == 1.0 and batched["mean_batch_size"] == 3.0  # all 3 clients in each call
+    assert serial["latency_ms_p99"] >= serial["latency_ms_p50"] > 0
+    assert report["speedup"] == round(batched["requests_per_s"] / serial["requests_per_s"], 2)
+    with pytest.raises(ValueError, match="modes must be a list of serial, batched"):
+        bench_serve.main(["modes=[fast]"])
