@@ -273,6 +273,11 @@ def test_batching_answers_each_client_from_one_model_call():
     for k, reply in replies.items():  # every client gets its own row back
         assert np.array_equal(reply["actions"], np.full((3, 4), k, np.float32))
         assert reply["timing"]["batch_size"] == 6
+    # a lone client is answered at once, not after batch_wait_ms (its recv would time out after 5 s)
+    with PolicyServer(RecordingEcho(), port=0, batch_wait_ms=600_000) as server:
+        lone = PolicyClient("127.0.0.1", server.port, timeout=5)
+        assert lone.infer(_request())["timing"]["batch_size"] == 1
+        lone.close()
     serial = RecordingEcho()
     with PolicyServer(serial, port=0, batching=False) as server:
         replies_serial = _concurrent(server.port, 6)

@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "image_size": 64,
     "num_flow_steps": 10,
     "max_batch": 16,
-    "batch_wait_ms": 2,
+    "batch_wait_ms": 10,
     "modes": ["serial", "batched"],
     "threads": 0,
 }

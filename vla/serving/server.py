@@ -223,7 +223,8 @@ class PolicyServer:
     One thread per connection (websockets' sync API); each connection gets its own policy slot, so
     plan state never leaks between clients. ``batching=True``: requests from all connections go to
     one queue; a batcher thread takes the first, collects more for up to ``batch_wait_ms`` (or
-    until ``max_batch``) and answers them with one batched ``predict_chunks`` call. Requests with a
+    until ``max_batch``, or until every open connection has a request in: nobody else can send, so a
+    lone client never waits) and answers them with one batched ``predict_chunks`` call. Requests with a
     ``noise_seed`` run alone (their noise is drawn from that seed for a batch of one, exactly as
     unbatched). ``batching=False``: each connection calls the model itself, one at a time.
 
@@ -245,7 +246,7 @@ class PolicyServer:
         allow_no_auth: bool = False,
         batching: bool = True,
         max_batch: int = 16,
-        batch_wait_ms: float = 2.0,
+        batch_wait_ms: float = 10.0,
     ) -> None:
         if protocol not in ("vla", "openpi"):
             raise ValueError(f"protocol: expected 'vla' or 'openpi', got {protocol!r}")
@@ -288,6 +289,7 @@ class PolicyServer:
         self._lock = threading.Lock()  # guards the policy (model calls and slot resets)
         self._slot_lock = threading.Lock()
         self._next_slot = 0
+        self._open = 0  # connections now open: a batch that holds a request from each is complete
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._server = None
         self._thread: threading.Thread | None = None
@@ -313,6 +315,7 @@ class PolicyServer:
         with self._slot_lock:
             slot = self._next_slot
             self._next_slot += 1
+            self._open += 1
         peer = getattr(connection, "remote_address", None)
         log.info("client %s connected (slot %d)", peer, slot)
         style = "openpi" if self.protocol == "openpi" else "vla"
@@ -337,6 +340,8 @@ class PolicyServer:
         except Exception as e:  # ConnectionClosed and friends end this client only
             log.info("client %s: %s: %s", peer, type(e).__name__, e)
         finally:
+            with self._slot_lock:
+                self._open -= 1
             with self._lock:
                 self.policy.reset(slot)
 
@@ -376,7 +381,7 @@ class PolicyServer:
                 return
             jobs = [first]
             deadline = time.perf_counter() + self.batch_wait_s
-            while len(jobs) < self.max_batch:
+            while len(jobs) < min(self.max_batch, max(1, self._open)):
                 try:
                     nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
                 except queue.Empty:
