@@ -68,15 +68,21 @@ def test_resume_overrides_are_checked(tmp_path, capsys):
     run = tmp_path / "run"
     train(train_cfg(store, run, "trainer.steps=4", "trainer.stop_at=1", "trainer.batch_size=4"))
     # exactness-breaking keys are refused by name
-    for bad in ("trainer.lr=0.1", "model.d_model=64", "trainer.steps=10", "seed=3", "dataset.tasks=[reach]"):
-        with pytest.raises(ValueError, match=f"resume: '{bad.split('=')[0]}' cannot change when resuming"):
+    for bad, key in (("trainer.lr=0.1", "trainer.lr"), ("model.d_model=64", "model.d_model"), ("seed=3", "seed"),
+                     ("dataset.tasks=[reach]", "dataset.tasks"), ("model=small", r"model\.\w+")):
+        with pytest.raises(ValueError, match=f"resume: '{key}' cannot change when resuming.*the run has"):
             resume_config(str(run), [bad])
-    assert vla_main(["train", f"resume={run}", "trainer.warmup_steps=0"]) == 2
+    assert vla_main(["train", f"resume={run}", "trainer.warmup_steps=77"]) == 2
     assert "'trainer.warmup_steps' cannot change" in capsys.readouterr().err
+    # repeating the run's own values (the whole original command line) is accepted
+    same = resume_config(str(run), [f"dataset.path={store}", "trainer.batch_size=4", "trainer=debug",
+                                    "model.d_model=32"])
+    assert same.trainer.batch_size == 4 and same.model.d_model == 32
     # bookkeeping keys are applied; the saved stop_at is dropped, run_dir is the run's folder
     cfg = resume_config(str(run), [f"resume={run}", "trainer.log_every=7", "trainer.stop_at=3", "device=cpu"])
     assert cfg.trainer.log_every == 7 and cfg.trainer.stop_at == 3 and cfg.trainer.steps == 4
     assert cfg.trainer.batch_size == 4 and cfg.run_dir == str(run)
+    assert resume_config(str(run), ["trainer.steps=8"]).trainer.steps == 8  # raised to train further
     assert resume_config(str(run), []).trainer.stop_at is None
     assert vla_main(["train", f"resume={run}", "trainer.stop_at=3"]) == 0
     assert ckpt.resolve_checkpoint(run).name == "step_0000003"

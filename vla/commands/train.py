@@ -4,7 +4,8 @@
     vla train dataset.path=... model=small trainer.steps=20000 trainer.batch_size=64
     vla train dataset.path=... trainer=debug                     # 2 steps + checkpoint (smoke test)
     vla train resume=outputs/2026-01-01/12-00-00_train           # continue exactly, from the run's own config
-    vla train resume=RUN_DIR trainer.ckpt_every=500             # bookkeeping keys may change; others are refused
+    vla train resume=RUN_DIR trainer.ckpt_every=500             # bookkeeping keys may change; a changed
+                                                                 # model, data or schedule key is refused
     torchrun --nproc_per_node=2 -m vla train dataset.path=...    # DDP (gloo on CPU, nccl on GPU)
     vla train -m planner=on,off seed=0,1 dataset.path=...        # Hydra multirun: one run per combination
 
