@@ -23,7 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "serve a trained policy over websocket + msgpack",
     "dataset": "inspect or verify a store: `vla dataset {info,verify} PATH [--repair]`",
     "report": "one Markdown table + chart from many runs' evaluations (sweeps, ablations)",
-    "bench": "benchmarks printing JSON: `vla bench {dataloader,env,inference,train}`",
+    "bench": "benchmarks printing JSON: `vla bench {dataloader,env,inference,train,eval,serve}`",
 }
 
 EXIT_CODES: dict[int, str] = {
