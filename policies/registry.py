@@ -69,8 +69,13 @@ def _expert(family: str | None = None, task: str | None = None, **_context: Any)
 @register_policy("remote")
 def _remote(host: str = "127.0.0.1", port: int = 8000, n_action_steps: int | None = None,
             replan_every: int | None = None, temporal_ensemble: float | None = None, timeout: float = 30.0,
-            **_context: Any) -> Policy:
+            api_key_file: str | None = None, **_context: Any) -> Policy:
     from .remote import RemotePolicy
 
+    api_key = None
+    if api_key_file:
+        from vla.serving import read_api_key
+
+        api_key = read_api_key(api_key_file)
     return RemotePolicy(host, int(port), n_action_steps=n_action_steps, replan_every=replan_every,
-                        temporal_ensemble=temporal_ensemble, timeout=float(timeout))
+                        temporal_ensemble=temporal_ensemble, timeout=float(timeout), api_key=api_key)

@@ -17,7 +17,10 @@ from .base import Chunk, Observation, Policy
 
 
 class RemotePolicy(Policy):
-    """Client of ``vla serve``: ``RemotePolicy("127.0.0.1", 8000, n_action_steps=8)``."""
+    """Client of ``vla serve``: ``RemotePolicy("127.0.0.1", 8000, n_action_steps=8)``.
+
+    ``api_key``: sent as ``Authorization: Api-Key <key>`` to a server started with ``api_key_file``.
+    """
 
     name = "remote"
 
@@ -29,11 +32,12 @@ class RemotePolicy(Policy):
         replan_every: int | None = None,
         temporal_ensemble: float | None = None,
         timeout: float = 30.0,
+        api_key: str | None = None,
     ) -> None:
         from vla.serving import PolicyClient
 
-        self.host, self.port, self.timeout = host, int(port), timeout
-        self._clients: dict[int, PolicyClient] = {0: PolicyClient(host, port, timeout)}
+        self.host, self.port, self.timeout, self.api_key = host, int(port), timeout, api_key
+        self._clients: dict[int, PolicyClient] = {0: PolicyClient(host, port, timeout, api_key)}
         self.metadata = dict(self._clients[0].metadata)
         horizon = int(self.metadata["horizon"])
         n_action_steps = int(n_action_steps or self.metadata.get("n_action_steps") or horizon)
@@ -56,7 +60,7 @@ class RemotePolicy(Policy):
         if slot not in self._clients:
             from vla.serving import PolicyClient
 
-            self._clients[slot] = PolicyClient(self.host, self.port, self.timeout)
+            self._clients[slot] = PolicyClient(self.host, self.port, self.timeout, self.api_key)
             self._fresh.add(slot)
         return self._clients[slot]
 

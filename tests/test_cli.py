@@ -65,3 +65,27 @@ def test_keys_that_moved_into_the_policy_group_keep_their_old_spelling():
     assert (serve.policy.checkpoint, serve.port, serve.policy.n_action_steps) == ("runs/a", 9000, 2)
     remote = compose("eval", ["policy=remote", "policy.port=9001"])
     assert (remote.policy.name, remote.policy.port) == ("remote", 9001)
+
+
+def test_version_and_exit_codes(capsys, monkeypatch):
+    import types
+
+    import vla
+    from vla import cli
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == vla.__version__
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and all(f"  {code:<9} " in out for code in cli.EXIT_CODES)
+
+    def crash(argv):
+        raise RuntimeError("boom")
+
+    def bad_path(argv):
+        raise FileNotFoundError("no such store: x.zarr")
+
+    monkeypatch.delenv("VLA_DEBUG", raising=False)
+    for fn, code, text in ((crash, 3, "RuntimeError: boom"), (bad_path, 2, "error: no such store: x.zarr")):
+        monkeypatch.setattr(cli.importlib, "import_module", lambda name, fn=fn: types.SimpleNamespace(main=fn))
+        assert main(["plan"]) == code
+        assert text in capsys.readouterr().err

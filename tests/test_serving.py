@@ -228,3 +228,148 @@ def test_server_serves_concurrent_clients():
         for t in threads:
             t.join(30)
     assert not errors
+
+
+# ---- dynamic batching, API key, non-loopback binds --------------------------------------------------
+class RecordingEcho(EchoPolicy):
+    """EchoPolicy that records the size of every model call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[int] = []
+
+    def predict_chunks(self, obs_list, *args, **kwargs):
+        self.calls.append(len(obs_list))
+        return super().predict_chunks(obs_list, *args, **kwargs)
+
+
+def _concurrent(port: int, n: int, api_key: str | None = None) -> dict[int, dict]:
+    import threading
+
+    replies: dict[int, dict] = {}
+    clients = [PolicyClient("127.0.0.1", port, api_key=api_key) for _ in range(n)]
+
+    def one(k: int) -> None:
+        state = np.full(4, k, np.float32)
+        replies[k] = clients[k].infer(_request(observation={"images": {"corner": np.zeros((8, 8, 3), np.uint8)},
+                                                            "state": state}))
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for c in clients:
+        c.close()
+    return replies
+
+
+def test_batching_answers_each_client_from_one_model_call():
+    policy = RecordingEcho()
+    # a long wait and max_batch = the number of clients: the batch closes when all 6 have arrived
+    with PolicyServer(policy, port=0, max_batch=6, batch_wait_ms=20_000) as server:
+        replies = _concurrent(server.port, 6)
+    assert policy.calls == [6]
+    for k, reply in replies.items():  # every client gets its own row back
+        assert np.array_equal(reply["actions"], np.full((3, 4), k, np.float32))
+        assert reply["timing"]["batch_size"] == 6
+    # a lone client is answered at once, not after batch_wait_ms (its recv would time out after 5 s)
+    with PolicyServer(RecordingEcho(), port=0, batch_wait_ms=600_000) as server:
+        lone = PolicyClient("127.0.0.1", server.port, timeout=5)
+        assert lone.infer(_request())["timing"]["batch_size"] == 1
+        lone.close()
+    serial = RecordingEcho()
+    with PolicyServer(serial, port=0, batching=False) as server:
+        replies_serial = _concurrent(server.port, 6)
+    assert serial.calls == [1] * 6
+    assert all(np.array_equal(replies[k]["actions"], replies_serial[k]["actions"]) for k in range(6))
+
+
+def test_batching_keeps_seeded_requests_alone_and_isolates_a_failing_request():
+    class FailsOnNegative(RecordingEcho):
+        def predict_chunks(self, obs_list, *args, **kwargs):
+            if any(o["state"][0] < 0 for o in obs_list):
+                self.calls.append(-len(obs_list))
+                raise ValueError("negative state")
+            return super().predict_chunks(obs_list, *args, **kwargs)
+
+    policy = FailsOnNegative()
+    server = PolicyServer(policy, port=0)
+    from vla.serving.server import _Job
+
+    obs = {"images": {"corner": np.zeros((8, 8, 3), np.uint8)}}
+    cases = [(1, {}), (-1, {}), (2, {}), (3, {"noise_seed": 7}), (4, {"noise_seed": 8})]
+    jobs = [_Job(k, {"observation": {**obs, "state": np.full(4, s, np.float32)}, "instruction": "go", **extra})
+            for k, (s, extra) in enumerate(cases)]
+    server._run_jobs(jobs)
+    # one failing batch of 3 (seeded requests apart), then each of the 3 alone; the seeded two alone
+    assert policy.calls == [-3, 1, -1, 1, 1, 1]
+    assert [j.error for j in jobs] == [None, "negative state", None, None, None]
+    assert [int(j.chunk.actions[0, 0]) for j in jobs if j.chunk is not None] == [1, 2, 3, 4]
+
+
+def test_batched_actions_equal_unbatched_within_tolerance(tmp_path):
+    """The model gives a request the same actions in a batch as alone (same noise row)."""
+    from _tiny_vla import make_tiny, obs, save_tiny
+    from vla.policies import VLAPolicy
+
+    run = save_tiny(tmp_path / "run", *make_tiny())  # no frame head: the noise rows line up
+    policy = VLAPolicy.from_checkpoint(run)
+    rng = np.random.default_rng(0)
+    observations = [obs(rng) for _ in range(4)]
+    batched = policy.predict_chunks(observations, ["open the drawer"] * 4, env_indices=[0, 1, 2, 3], noise_seed=3)
+    alone = policy.predict_chunks(observations[:1], ["open the drawer"], env_indices=[9], noise_seed=3)
+    np.testing.assert_allclose(batched[0].actions, alone[0].actions, rtol=1e-4, atol=1e-5)
+    assert batched[0].plan == alone[0].plan
+
+
+def test_api_key_wrong_missing_right(tmp_path):
+    from vla.serving import read_api_key
+
+    key_file = tmp_path / "key.txt"
+    key_file.write_text("k3y-123\n")
+    key = read_api_key(str(key_file))
+    assert key == "k3y-123"
+    with PolicyServer(EchoPolicy(), port=0, api_key=key) as server:
+        for wrong in (None, "nope"):
+            with pytest.raises(ValueError, match=r"refused the connection: HTTP 401 \(missing or wrong API key\)"):
+                PolicyClient("127.0.0.1", server.port, timeout=5, api_key=wrong)
+        # the health check stays open (load balancers carry no key)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5).read().strip() == b"ok"
+        assert _concurrent(server.port, 2, api_key=key)[1]["actions"].shape == (3, 4)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="empty.txt must hold one key"):
+        read_api_key(str(tmp_path / "empty.txt"))
+    with pytest.raises(ValueError, match="is not a file"):
+        read_api_key(str(tmp_path / "missing.txt"))
+
+
+def test_non_loopback_bind_needs_a_key_or_explicit_permission(tiny_run):
+    from vla.commands import serve
+    from vla.serving import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("robot.local")
+    with pytest.raises(ValueError, match="host=0.0.0.0 accepts connections.*api_key_file=PATH.*allow_no_auth=true"):
+        PolicyServer(EchoPolicy(), host="0.0.0.0", port=0)
+    with pytest.raises(ValueError, match="host=0.0.0.0 accepts connections"):
+        serve.main([f"checkpoint={tiny_run}", "host=0.0.0.0", "port=0"])
+    PolicyServer(EchoPolicy(), host="0.0.0.0", port=0, allow_no_auth=True)  # constructed, not bound
+    PolicyServer(EchoPolicy(), host="0.0.0.0", port=0, api_key="k")
+
+
+def test_bench_serve_reports_both_modes(capsys):
+    import json
+
+    from vla.bench import serve as bench_serve
+
+    assert bench_serve.main(["clients=3", "requests=2", "warmup=0", "image_size=32", "num_flow_steps=2",
+                             "batch_wait_ms=20000", "max_batch=3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    serial, batched = report["modes"]["serial"], report["modes"]["batched"]
+    assert serial["requests"] == batched["requests"] == 6
+    assert serial["mean_batch_size"] == 1.0 and batched["mean_batch_size"] == 3.0  # all 3 clients in each call
+    assert serial["latency_ms_p99"] >= serial["latency_ms_p50"] > 0
+    assert report["speedup"] == round(batched["requests_per_s"] / serial["requests_per_s"], 2)
+    with pytest.raises(ValueError, match="modes must be a list of serial, batched"):
+        bench_serve.main(["modes=[fast]"])

@@ -2,6 +2,11 @@
 
 Each subcommand lives in ``vla.commands.<name>`` and exposes ``main(argv) -> int``; it is
 imported only when run, so ``vla --help`` stays fast and heavy dependencies load on demand.
+``vla --version`` prints the version. Exit codes (:data:`EXIT_CODES`, for scripts): 0 done; 1 the
+command ran but did not get what was asked (``vla dataset verify`` found damage, ``vla collect``
+kept fewer episodes than asked for, a ``vla train -m`` job failed); 2 bad input (unknown
+subcommand, config override, path or data; one line on stderr); 3 an unexpected error (a bug or a
+broken environment; the traceback is printed); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -18,12 +23,21 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "serve a trained policy over websocket + msgpack",
     "dataset": "inspect or verify a store: `vla dataset {info,verify} PATH [--repair]`",
     "report": "one Markdown table + chart from many runs' evaluations (sweeps, ablations)",
-    "bench": "benchmarks printing JSON: `vla bench {dataloader,env,inference,train}`",
+    "bench": "benchmarks printing JSON: `vla bench {dataloader,env,inference,train,eval,serve}`",
 }
 
-USAGE = "usage: vla SUBCOMMAND [ARGS | hydra overrides key=value ...]\n\nsubcommands:\n" + "\n".join(
-    f"  {name:<9} {text}" for name, text in SUBCOMMANDS.items()
-) + "\n\nRun `vla SUBCOMMAND --help` for the subcommand's options and config."
+EXIT_CODES: dict[int, str] = {
+    0: "done",
+    1: "ran, but did not get what was asked (verify found damage, fewer episodes, a failed sweep job)",
+    2: "bad input: unknown subcommand, config override, path or data (one line on stderr)",
+    3: "unexpected error (a bug or a broken environment; traceback on stderr)",
+    130: "interrupted (Ctrl-C)",
+}
+
+USAGE = "usage: vla SUBCOMMAND [ARGS | hydra overrides key=value ...]\n       vla --version\n\nsubcommands:\n" + (
+    "\n".join(f"  {name:<9} {text}" for name, text in SUBCOMMANDS.items())
+) + "\n\nexit codes:\n" + "\n".join(f"  {code:<9} {text}" for code, text in EXIT_CODES.items()) + (
+    "\n\nRun `vla SUBCOMMAND --help` for the subcommand's options and config.")
 
 
 def _set_runtime_defaults() -> None:
@@ -62,12 +76,20 @@ def _dispatch(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"\nvla {name}: interrupted", file=sys.stderr)
         return 130
-    except ValueError as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         # Bad input (config, paths, data) reaches the user as one clear line, not a traceback.
         if os.environ.get("VLA_DEBUG"):
             raise
         print(f"vla {name}: error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        if os.environ.get("VLA_DEBUG"):
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"vla {name}: unexpected error (exit 3); the traceback above says where", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ BENCHMARKS = {
     "env": "env steps/s with and without rendering, collection frames/s, expert success",
     "inference": "action-chunk latency (cached vs uncached), FLOPs, fraction of matmul peak",
     "train": "training samples/s and data-wait fraction",
+    "serve": "vla serve requests/s and p50/p99 latency under concurrent clients: serial vs dynamic batching",
     "eval": "closed-loop evaluation env steps/s: scripted expert and a tiny VLA, in-process and async",
 }
 

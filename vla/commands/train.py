@@ -3,7 +3,9 @@
     vla train dataset.path=data/drawer.zarr                      # tiny preset, CPU or GPU
     vla train dataset.path=... model=small trainer.steps=20000 trainer.batch_size=64
     vla train dataset.path=... trainer=debug                     # 2 steps + checkpoint (smoke test)
-    vla train resume=outputs/2026-01-01/12-00-00_train           # continue exactly
+    vla train resume=outputs/2026-01-01/12-00-00_train           # continue exactly, from the run's own config
+    vla train resume=RUN_DIR trainer.ckpt_every=500             # bookkeeping keys may change; a changed
+                                                                 # model, data or schedule key is refused
     torchrun --nproc_per_node=2 -m vla train dataset.path=...    # DDP (gloo on CPU, nccl on GPU)
     vla train -m planner=on,off seed=0,1 dataset.path=...        # Hydra multirun: one run per combination
 
@@ -39,7 +41,13 @@ def main(argv: list[str]) -> int:
         return multirun([a for a in argv if a not in ("-m", "--multirun")])
     show = "--cfg" in argv
     overrides = [a for a in argv if a != "--cfg"]
-    cfg = compose("train", overrides)
+    resume = [o.partition("=")[2] for o in overrides if o.startswith("resume=") and o != "resume=null"]
+    if resume:
+        from vla.training.resume import resume_config
+
+        cfg = resume_config(resume[-1], overrides)
+    else:
+        cfg = compose("train", overrides)
     if show:
         print(OmegaConf.to_yaml(cfg))
         return 0

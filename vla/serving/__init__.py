@@ -10,7 +10,9 @@ from vla.serving.server import (
     PolicyClient,
     PolicyServer,
     RequestError,
+    is_loopback,
     pack,
+    read_api_key,
     unpack,
     validate_request,
 )
@@ -21,7 +23,9 @@ __all__ = [
     "PolicyClient",
     "PolicyServer",
     "RequestError",
+    "is_loopback",
     "pack",
+    "read_api_key",
     "unpack",
     "validate_request",
 ]

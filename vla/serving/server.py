@@ -2,7 +2,9 @@
 
 Wire protocol (version 1). Every message is one binary websocket frame holding a msgpack map;
 numpy arrays travel as ``{"__ndarray__": True, "data": bytes, "dtype": str, "shape": [...]}``
-(our own small codec: :func:`pack` / :func:`unpack`; object dtypes are refused, no pickle).
+(our own small codec: :func:`pack` / :func:`unpack`; object dtypes are refused, no pickle). The
+decoder also reads openpi's spelling of the same map (bytes keys ``b"__ndarray__"``, ...) and its
+numpy scalars (``b"__npgeneric__"``).
 
 1. On connect the server sends a metadata map first: ``protocol``, ``vla_version``, ``cameras``
    ``{name: [H, W]}``, ``image_size``, ``state_dim``, ``action_dim``, ``horizon``,
@@ -17,7 +19,7 @@ numpy arrays travel as ``{"__ndarray__": True, "data": bytes, "dtype": str, "sha
         "noise_seed": int}       # optional: draw the flow-matching noise from this seed
 
    gets ``{"actions": f32[H, A], "plan": [str, ...] | None, "frame": u8[h, w, 3] (only when the
-   model predicts frames), "timing": {"infer_ms": float, "server_ms": float}}``.
+   model predicts frames), "timing": {"infer_ms": float, "server_ms": float, "batch_size": int}}``.
 3. A request that cannot be decoded or fails validation (missing keys, wrong dtype or shape,
    unknown or missing camera names, non-string instruction) gets ``{"error": "..."}`` naming the
    key, what was expected and what came; the connection stays open and the server keeps serving.
@@ -25,12 +27,19 @@ numpy arrays travel as ``{"__ndarray__": True, "data": bytes, "dtype": str, "sha
    with code 1009 (message too big) before the payload is buffered; other connections are
    unaffected. ``GET /healthz`` answers 200 ``ok``.
 
-The server binds 127.0.0.1 unless told otherwise: a policy server has no authentication.
+``protocol="openpi"`` (``vla serve protocol=openpi``) answers openpi clients unmodified instead:
+flat requests mapped by :class:`vla.serving.openpi.OpenpiMapping`, replies ``{"actions", "plan",
+"server_timing"}`` packed in openpi's style, errors as a text frame then close code 1011.
+
+Authentication: with an API key, the websocket handshake must carry ``Authorization: Api-Key
+<key>`` (openpi's header) or gets HTTP 401. The server binds 127.0.0.1 unless told otherwise, and
+refuses another address without a key unless ``allow_no_auth`` says the network is trusted.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -64,13 +73,36 @@ def _encode(obj: Any) -> Any:
     raise TypeError(f"cannot serialize an object of type {type(obj).__name__}")
 
 
+def _encode_openpi(obj: Any) -> Any:
+    # openpi's msgpack_numpy spells the ndarray map with bytes keys; its clients look only for those.
+    out = _encode(obj)
+    if isinstance(out, dict):
+        return {k.encode(): v for k, v in out.items()}
+    return out
+
+
+def _field(obj: dict, key: str) -> Any:
+    """``obj[key]`` under either key style (str keys: ours; bytes keys: openpi's msgpack_numpy)."""
+    if key in obj:
+        return obj[key]
+    return obj[key.encode()]
+
+
 def _decode(obj: dict) -> Any:
-    if obj.get("__ndarray__") is not True:
+    if obj.get("__npgeneric__", obj.get(b"__npgeneric__")) is True:  # openpi's numpy scalars
+        try:
+            dtype = np.dtype(_field(obj, "dtype"))
+            if dtype.hasobject or dtype.kind in "OV":
+                raise ValueError(f"dtype {dtype} is not allowed")
+            return dtype.type(_field(obj, "data"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CodecError(f"malformed numpy scalar: {e}") from None
+    if obj.get("__ndarray__", obj.get(b"__ndarray__")) is not True:
         return obj
     try:
-        dtype = np.dtype(obj["dtype"])
-        shape = tuple(int(d) for d in obj["shape"])
-        data = obj["data"]
+        dtype = np.dtype(_field(obj, "dtype"))
+        shape = tuple(int(d) for d in _field(obj, "shape"))
+        data = _field(obj, "data")
     except (KeyError, TypeError, ValueError) as e:
         raise CodecError(f"malformed ndarray: {e}") from None
     if dtype.hasobject or dtype.kind in "OV":
@@ -83,11 +115,17 @@ def _decode(obj: dict) -> Any:
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def pack(obj: Any) -> bytes:
-    """Serialize maps/lists/scalars/strings/bytes and numpy arrays to msgpack bytes."""
+def pack(obj: Any, style: str = "vla") -> bytes:
+    """Serialize maps/lists/scalars/strings/bytes and numpy arrays to msgpack bytes.
+
+    ``style="openpi"`` writes the ndarray maps with bytes keys, as openpi's ``msgpack_numpy`` does
+    (its clients decode nothing else); :func:`unpack` reads both styles.
+    """
     import msgpack
 
-    return msgpack.packb(obj, default=_encode, use_bin_type=True)
+    if style not in ("vla", "openpi"):
+        raise ValueError(f"pack: style must be 'vla' or 'openpi', got {style!r}")
+    return msgpack.packb(obj, default=_encode_openpi if style == "openpi" else _encode, use_bin_type=True)
 
 
 def unpack(data: bytes) -> Any:
@@ -138,12 +176,61 @@ def validate_request(req: Any, cameras: dict[str, tuple[int, int]], state_dim: i
     return out
 
 
+def read_api_key(path: str) -> str:
+    """The key in ``path`` (surrounding whitespace dropped); errors name the file."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"api_key_file: {p} is not a file")
+    key = p.read_text().strip()
+    if not key or any(c.isspace() for c in key):
+        got = "nothing" if not key else "spaces"
+        raise ValueError(f"api_key_file: {p} must hold one key without spaces, got {got}")
+    return key
+
+
 # ---- server -------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+class _Job:
+    """One validated request waiting for the model (filled in by :meth:`PolicyServer._run_jobs`)."""
+
+    __slots__ = ("slot", "req", "done", "chunk", "error", "infer_ms", "batch_size")
+
+    def __init__(self, slot: int, req: dict) -> None:
+        self.slot, self.req = slot, req
+        self.done = threading.Event()
+        self.chunk: Any = None
+        self.error: str | None = None
+        self.infer_ms = 0.0
+        self.batch_size = 0
+
+
 class PolicyServer:
     """A websocket server around a :class:`~vla.policies.VLAPolicy` (or any policy with ``metadata()``).
 
-    One thread per connection (websockets' sync API); model calls are serialized by a lock. Each
-    connection gets its own policy slot, so plan state never leaks between clients.
+    One thread per connection (websockets' sync API); each connection gets its own policy slot, so
+    plan state never leaks between clients. ``batching=True``: requests from all connections go to
+    one queue; a batcher thread takes the first, collects more for up to ``batch_wait_ms`` (or
+    until ``max_batch``, or until every open connection has a request in: nobody else can send, so a
+    lone client never waits) and answers them with one batched ``predict_chunks`` call. Requests with a
+    ``noise_seed`` run alone (their noise is drawn from that seed for a batch of one, exactly as
+    unbatched). ``batching=False``: each connection calls the model itself, one at a time.
+
+    ``protocol="openpi"`` speaks openpi's dialect (:mod:`vla.serving.openpi`). ``api_key``: clients
+    must send ``Authorization: Api-Key <key>`` (openpi's header) or get HTTP 401. A non-loopback
+    ``host`` without a key is refused unless ``allow_no_auth=True``.
     """
 
     def __init__(
@@ -152,83 +239,210 @@ class PolicyServer:
         host: str = "127.0.0.1",
         port: int = 8000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        protocol: str = "vla",
+        openpi: dict | None = None,
+        api_key: str | None = None,
+        allow_no_auth: bool = False,
+        batching: bool = True,
+        max_batch: int = 16,
+        batch_wait_ms: float = 10.0,
     ) -> None:
+        if protocol not in ("vla", "openpi"):
+            raise ValueError(f"protocol: expected 'vla' or 'openpi', got {protocol!r}")
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key: expected a non-empty key (the key file is empty?)")
+        if not is_loopback(host) and api_key is None and not allow_no_auth:
+            raise ValueError(f"host={host} accepts connections from other machines and no API key is set; give "
+                             f"api_key_file=PATH (clients send 'Authorization: Api-Key <key>'), or allow_no_auth=true "
+                             f"on a trusted network, or bind host=127.0.0.1")
+        if int(max_batch) < 1 or float(batch_wait_ms) < 0:
+            raise ValueError(f"max_batch >= 1 and batch_wait_ms >= 0 expected, got {max_batch}, {batch_wait_ms}")
         self.policy = policy
         self.host = host
         self.port = int(port)
         self.max_message_bytes = int(max_message_bytes)
+        self.protocol = protocol
+        self.api_key = api_key
+        self.batching, self.max_batch, self.batch_wait_s = bool(batching), int(max_batch), float(batch_wait_ms) / 1e3
         meta = dict(policy.metadata())
         self.cameras = {str(k): (int(v[0]), int(v[1])) for k, v in meta["cameras"].items()}
         self.state_dim = int(meta["state_dim"])
         self.n_obs_steps = int(meta.get("n_obs_steps", 1))
+        self.openpi = None
+        if protocol == "openpi":
+            from vla.serving.openpi import OpenpiMapping
+
+            if self.n_obs_steps != 1:
+                # openpi clients send one frame per request; the history would have to live here.
+                raise ValueError(f"protocol=openpi serves models with n_obs_steps=1, this one has {self.n_obs_steps}")
+            self.openpi = OpenpiMapping.from_config(openpi, self.cameras)
         import vla
 
         self.metadata = {
             "protocol": PROTOCOL_VERSION,
+            "wire": protocol,
             "vla_version": vla.__version__,
             "max_message_bytes": self.max_message_bytes,
             **meta,
         }
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the policy (model calls and slot resets)
+        self._slot_lock = threading.Lock()
         self._next_slot = 0
+        self._open = 0  # connections now open: a batch that holds a request from each is complete
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._server = None
         self._thread: threading.Thread | None = None
+        self._batcher: threading.Thread | None = None
 
-    # The websockets process_request hook: plain HTTP health check next to the websocket endpoint.
+    # The websockets process_request hook: health check, and the API key before the handshake.
     def _process_request(self, connection: Any, request: Any) -> Any:
+        import hmac
         from http import HTTPStatus
 
         if request.path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
+        if self.api_key is not None:
+            sent = request.headers.get("Authorization") or ""
+            if not hmac.compare_digest(sent.encode(), f"Api-Key {self.api_key}".encode()):
+                log.warning("refused %s: %s API key", getattr(connection, "remote_address", None),
+                            "wrong" if sent else "missing")
+                return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong API key: send the header "
+                                          "'Authorization: Api-Key <key>'\n")
         return None
 
     def _handle(self, connection: Any) -> None:
-        with self._lock:
+        with self._slot_lock:
             slot = self._next_slot
             self._next_slot += 1
+            self._open += 1
         peer = getattr(connection, "remote_address", None)
         log.info("client %s connected (slot %d)", peer, slot)
+        style = "openpi" if self.protocol == "openpi" else "vla"
         try:
-            connection.send(pack(self.metadata))
+            connection.send(pack(self.metadata, style))
+            prev_total_ms = None
             for message in connection:
-                connection.send(pack(self._reply(message, slot)))
+                t0 = time.perf_counter()
+                reply = self._reply(message, slot, t0)
+                if "error" in reply and self.protocol == "openpi":
+                    # openpi's convention: the error text in a text frame, then close with 1011.
+                    connection.send(reply["error"])
+                    connection.close(1011, "request refused; the error is in the previous frame")
+                    return
+                if self.protocol == "openpi":
+                    timing = reply.pop("timing")
+                    reply["server_timing"] = {"infer_ms": timing["infer_ms"], "server_ms": timing["server_ms"]}
+                    if prev_total_ms is not None:
+                        reply["server_timing"]["prev_total_ms"] = prev_total_ms
+                connection.send(pack(reply, style))
+                prev_total_ms = (time.perf_counter() - t0) * 1e3
         except Exception as e:  # ConnectionClosed and friends end this client only
             log.info("client %s: %s: %s", peer, type(e).__name__, e)
         finally:
+            with self._slot_lock:
+                self._open -= 1
             with self._lock:
                 self.policy.reset(slot)
 
-    def _reply(self, message: bytes | str, slot: int) -> dict:
-        t0 = time.perf_counter()
+    def _parse(self, message: bytes | str) -> dict:
+        if isinstance(message, str):
+            raise RequestError("expected a binary msgpack frame, got a text frame")
+        msg = unpack(message)
+        if self.openpi is not None:
+            msg = self.openpi.to_request(msg, self.cameras, self.state_dim)
+        return validate_request(msg, self.cameras, self.state_dim, self.n_obs_steps)
+
+    def _reply(self, message: bytes | str, slot: int, t0: float) -> dict:
         try:
-            if isinstance(message, str):
-                raise RequestError("expected a binary msgpack frame, got a text frame")
-            req = validate_request(unpack(message), self.cameras, self.state_dim, self.n_obs_steps)
+            req = self._parse(message)
         except ValueError as e:
             return {"error": str(e)}
-        try:
-            with self._lock:
-                if req.get("reset"):
-                    self.policy.reset(slot)
-                t1 = time.perf_counter()
-                chunk = self.policy.predict_chunks(
-                    [req["observation"]],
-                    [req["instruction"]],
-                    env_indices=[slot],
-                    decode_plan=req.get("decode_plan", True),
-                    noise_seed=req.get("noise_seed"),
-                )[0]
-                infer_ms = (time.perf_counter() - t1) * 1e3
-        except ValueError as e:
-            return {"error": str(e)}
-        except Exception as e:  # a model failure must not take the server down
-            log.exception("inference failed")
-            return {"error": f"internal error: {type(e).__name__}: {e}"}
+        job = _Job(slot, req)
+        if self.batching:
+            self._queue.put(job)
+            job.done.wait()
+        else:
+            self._run_jobs([job])
+        if job.error is not None:
+            return {"error": job.error}
+        chunk = job.chunk
         out: dict[str, Any] = {"actions": chunk.actions.astype(np.float32), "plan": chunk.plan}
         if chunk.frame is not None:
             out["frame"] = chunk.frame
-        out["timing"] = {"infer_ms": infer_ms, "server_ms": (time.perf_counter() - t0) * 1e3}
+        out["timing"] = {"infer_ms": job.infer_ms, "server_ms": (time.perf_counter() - t0) * 1e3,
+                         "batch_size": job.batch_size}
         return out
+
+    def _batch_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            deadline = time.perf_counter() + self.batch_wait_s
+            while len(jobs) < min(self.max_batch, max(1, self._open)):
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after answering these
+                    break
+                jobs.append(nxt)
+            try:
+                self._run_jobs(jobs)
+            finally:
+                for job in jobs:
+                    job.done.set()
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        """Answer ``jobs``: one model call per group of equal ``decode_plan``; seeded requests alone."""
+        groups: dict[Any, list[_Job]] = {}
+        for job in jobs:
+            seed = job.req.get("noise_seed")
+            key = ("seed", id(job)) if seed is not None else ("plan", bool(job.req.get("decode_plan", True)))
+            groups.setdefault(key, []).append(job)
+        for group in groups.values():
+            try:
+                self._call_model(group)
+            except Exception as e:
+                if len(group) > 1:  # find the request that fails; the others still get answers
+                    for job in group:
+                        self._run_jobs_alone(job)
+                else:
+                    self._fail(group[0], e)
+
+    def _run_jobs_alone(self, job: _Job) -> None:
+        try:
+            self._call_model([job])
+        except Exception as e:
+            self._fail(job, e)
+
+    @staticmethod
+    def _fail(job: _Job, e: Exception) -> None:
+        if isinstance(e, ValueError):
+            job.error = str(e)
+        else:  # a model failure must not take the server down
+            log.error("inference failed: %s: %s", type(e).__name__, e, exc_info=e)
+            job.error = f"internal error: {type(e).__name__}: {e}"
+
+    def _call_model(self, group: list[_Job]) -> None:
+        with self._lock:
+            for job in group:
+                if job.req.get("reset"):
+                    self.policy.reset(job.slot)
+            t1 = time.perf_counter()
+            chunks = self.policy.predict_chunks(
+                [j.req["observation"] for j in group],
+                [j.req["instruction"] for j in group],
+                env_indices=[j.slot for j in group],
+                decode_plan=group[0].req.get("decode_plan", True),
+                noise_seed=group[0].req.get("noise_seed"),
+            )
+            infer_ms = (time.perf_counter() - t1) * 1e3
+        for job, chunk in zip(group, chunks):
+            job.chunk, job.infer_ms, job.batch_size = chunk, infer_ms, len(group)
 
     def start(self) -> PolicyServer:
         """Bind and serve in a background thread (``port=0`` picks a free port; see ``self.port``)."""
@@ -243,6 +457,9 @@ class PolicyServer:
             compression=None,  # images are incompressible enough; deflate costs latency
         )
         self.port = int(self._server.socket.getsockname()[1])
+        if self.batching:
+            self._batcher = threading.Thread(target=self._batch_loop, name="vla-serve-batcher", daemon=True)
+            self._batcher.start()
         self._thread = threading.Thread(target=self._server.serve_forever, name="vla-serve", daemon=True)
         self._thread.start()
         return self
@@ -265,6 +482,10 @@ class PolicyServer:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+        if self._batcher is not None:
+            self._queue.put(None)
+            self._batcher.join(5)
+            self._batcher = None
 
     def __enter__(self) -> PolicyServer:
         return self.start()
@@ -275,14 +496,25 @@ class PolicyServer:
 
 # ---- client -------------------------------------------------------------------------------------
 class PolicyClient:
-    """Synchronous client: connects, reads the metadata, then one request -> one reply."""
+    """Synchronous client: connects, reads the metadata, then one request -> one reply.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 30.0) -> None:
+    ``api_key`` is sent as ``Authorization: Api-Key <key>`` (the header openpi clients send).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 30.0,
+                 api_key: str | None = None) -> None:
+        from websockets.exceptions import InvalidStatus
         from websockets.sync.client import connect
 
         self.uri = f"ws://{host}:{int(port)}"
+        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         try:
-            self._conn = connect(self.uri, max_size=None, compression=None, open_timeout=timeout)
+            self._conn = connect(self.uri, max_size=None, compression=None, open_timeout=timeout,
+                                 additional_headers=headers)
+        except InvalidStatus as e:
+            status = e.response.status_code
+            why = " (missing or wrong API key)" if status == 401 else ""
+            raise ValueError(f"vla server at {self.uri} refused the connection: HTTP {status}{why}") from None
         except OSError as e:
             raise ValueError(f"cannot connect to a vla server at {self.uri}: {e}") from None
         self.timeout = timeout

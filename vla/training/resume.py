@@ -126,3 +126,81 @@ def check_resume_state(st: dict[str, Any], where: str, *, total_steps: int, stop
     if st.get("optimizer_format", "torch") != optimizer_format:
         raise ValueError(f"resume {where}: the optimizer state was saved under trainer.strategy="
                          f"'{st.get('strategy')}', this run uses '{strategy}'; resume with the same strategy")
+
+
+# What `vla train resume=RUN_DIR KEY=VALUE ...` may change: bookkeeping that leaves every step's
+# result as it was, plus trainer.steps (raised to train further: the cosine schedule then stretches
+# from the resumed step on). Anything else (model, data, schedule, seed, augmentation) may only be
+# repeated with the run's own value; a different value is refused by name.
+RESUME_OVERRIDES = ("trainer.stop_at", "trainer.log_every", "trainer.ckpt_every", "trainer.keep_last",
+                    "trainer.num_workers", "trainer.num_threads", "trainer.progress", "trainer.val_every",
+                    "trainer.val_batches", "trainer.steps", "dataset.path", "dataset.in_memory", "run_dir", "eval",
+                    "wandb", "device", "output_root", "name")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _changeable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_OVERRIDES)
+
+
+def resume_config(resume: str, overrides: list[str]) -> DictConfig:
+    """The config to continue the run at ``resume`` with: the run's own saved train config, with
+    ``overrides`` checked. Keys in :data:`RESUME_OVERRIDES` are applied; any other override (a key
+    or a config group such as ``model=small``) must leave every key it sets at the run's saved
+    value (so repeating the original command line works), else it is refused naming the key.
+
+    ``trainer.stop_at`` of the saved run is dropped (the continued run goes to ``trainer.steps``)
+    unless given again, and ``run_dir`` becomes the resumed run's folder (wherever it lies now).
+    Keys added to ``configs/train.yaml`` after the run was saved take their defaults.
+    """
+    from vla import checkpoint as ckpt
+    from vla.config import compose
+
+    step_dir = ckpt.resolve_checkpoint(resume)
+    saved = ckpt.read_config(step_dir).get("train")
+    if not saved:
+        raise ValueError(f"resume {step_dir}: config.json holds no training config (was it written by vla train?)")
+    overrides = [o for o in overrides if not o.startswith("resume=")]
+    path = saved.get("dataset", {}).get("path") or "unset"
+    base_args = [f"dataset.path={path}"]
+    base = compose("train", base_args)
+    applied = [o for o in overrides if "=" in o and _changeable(o.partition("=")[0])]
+    others = [o for o in overrides if o not in applied]
+    if others:
+        # What the other overrides set: the keys where composing with them differs from without.
+        with_them = _flat(OmegaConf.to_container(compose("train", base_args + others), resolve=True))
+        without = _flat(OmegaConf.to_container(base, resolve=True))
+        was = _flat(saved)
+        changed = sorted(k for k in set(with_them) | set(without) if with_them.get(k) != without.get(k)
+                         and not _changeable(k) and with_them.get(k) != was.get(k))
+        if changed:
+            k = changed[0]
+            raise ValueError(f"resume: '{k}' cannot change when resuming (it changes what the run computes: model, "
+                             f"data or schedule): the run has {was.get(k)!r}, the override gives {with_them.get(k)!r}. "
+                             f"Changeable: {', '.join(RESUME_OVERRIDES)}")
+    OmegaConf.set_struct(base, False)
+    model = saved.get("model")
+    cfg = OmegaConf.merge(base, OmegaConf.create(saved))
+    if model is not None:
+        cfg.model = OmegaConf.create(model)  # exactly the saved model section, no preset defaults mixed in
+    cfg.trainer.stop_at = None
+    cfg.run_dir = str(step_dir.parent.parent)
+    if applied:
+        given = compose("train", base_args + applied)
+        for o in applied:
+            key = o.partition("=")[0]
+            OmegaConf.update(cfg, key, OmegaConf.select(given, key), merge=False, force_add=False)
+    if cfg.trainer.steps != saved.get("trainer", {}).get("steps"):
+        print(f"resume: trainer.steps {saved['trainer']['steps']} -> {cfg.trainer.steps}: the learning-rate schedule "
+              f"stretches from step {ckpt.read_config(step_dir).get('step')} on", flush=True)
+    cfg.resume = str(step_dir)
+    return cfg
