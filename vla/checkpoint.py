@@ -15,7 +15,9 @@ Layout (docs/architecture.md, docs/contracts.md)::
 
 A step folder is written under a temporary name, every file fsynced, then renamed into place,
 so a crash never leaves a half-written ``step_*``; ``last`` is replaced atomically after the
-rename. Nothing here unpickles arbitrary objects.
+rename. Temp leftovers of a writer killed mid-write (``.tmp_step_*_<pid>``, ``.last_<pid>``) are
+removed at the run's next write or resume once their pid is gone. Nothing here unpickles
+arbitrary objects.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def save_checkpoint(
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp(root)  # leftovers of an earlier writer of this run killed mid-write
     final = root / step_dirname(step)
     tmp = root / f".tmp_{step_dirname(step)}_{os.getpid()}"
     if tmp.exists():
@@ -119,6 +122,42 @@ def save_checkpoint(
     _fsync_dir(root)
     prune_checkpoints(root, keep_last)
     return final
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def clean_stale_temp(ckpt_root: str | os.PathLike) -> list[str]:
+    """Remove ``.tmp_step_*_<pid>`` folders and ``.last_<pid>`` files left by writers killed mid-write.
+
+    Only leftovers whose pid is no longer alive go: a writer still running keeps its temp folder.
+    Returns the names removed. Called at every checkpoint write and when a run is resumed.
+    """
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.iterdir():
+        if not (p.name.startswith(".tmp_step_") or p.name.startswith(".last_")):
+            continue
+        pid = p.name.rsplit("_", 1)[-1]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return sorted(removed)
 
 
 def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:

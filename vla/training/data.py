@@ -15,7 +15,7 @@ MODEL_META_KEYS = ("preset", "name")
 
 def open_store(dcfg: DictConfig):
     """Open the episode store named by ``dataset.path`` or raise a ValueError naming it."""
-    from vla.datasets import EpisodeStore
+    from vla.datasets import EpisodeStore, StoreError
 
     path = dcfg.get("path")
     if path is None or OmegaConf.is_missing(dcfg, "path"):
@@ -23,8 +23,17 @@ def open_store(dcfg: DictConfig):
     p = Path(str(path))
     if not p.exists():
         raise ValueError(f"dataset.path: store not found: {p}")
+    in_memory = bool(dcfg.get("in_memory", True))
     try:
-        store = EpisodeStore(str(p), in_memory=bool(dcfg.get("in_memory", True)))
+        try:
+            store = EpisodeStore(str(p), in_memory=in_memory)
+        except StoreError as e:
+            # With on_corrupt=skip a corrupt image chunk must not stop the run at open: read images
+            # from disk instead, where the sampler skips the episodes that cannot be read.
+            if not (in_memory and str(dcfg.get("on_corrupt", "stop")) == "skip" and "is corrupt" in str(e)):
+                raise
+            store = EpisodeStore(str(p), in_memory=False)
+            store.open_note = f"images read from disk: loading them into memory met {e}"
     except ValueError as e:
         raise ValueError(f"dataset.path: cannot open store {p}: {e}") from None
     except Exception as e:  # noqa: BLE001 - zarr/OS errors of a corrupt store become one clear line

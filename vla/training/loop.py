@@ -38,6 +38,7 @@ from vla import checkpoint as ckpt
 from vla.datasets import collate_windows
 from vla.evaluation.checkpoint import eval_schedule
 from vla.training import distributed as dist_utils
+from vla.training import guard
 from vla.training.augment import AugmentConfig, augment_images, draw_params
 from vla.training.data import build_model_config, open_store, select_episodes
 from vla.training.data_order import DataPosition, ResumableBatchSampler, mix_seed, worker_init
@@ -99,6 +100,9 @@ class Trainer:
                    frame_camera=mc.frame_camera, cameras=list(mc.cameras))
         self.dataset = WindowDataset(self.store, episodes=train_eps, **win)
         self.val_dataset = WindowDataset(self.store, episodes=val_eps, **win) if val_eps else None
+        # Corrupt chunks met while training: skip their episodes (counted) or stop with a checkpoint.
+        self.train_data = guard.GuardedWindows(self.dataset, guard.on_corrupt_mode(dcfg.get("on_corrupt")))
+        self.skipped: dict[int, str] = {}
         global_batch = self.batch_size * info.world_size
         if len(self.dataset) == 0:
             raise ValueError(f"dataset {dcfg.path}: no training windows in episodes {train_eps[:5]}...")
@@ -146,6 +150,8 @@ class Trainer:
 
     def _load_resume_state(self) -> None:
         d = self.resume_dir
+        if self.info.is_main:
+            ckpt.clean_stale_temp(d.parent)  # temp folders of the killed run's last write
         st = ckpt.load_trainer_state(d)
         step, data = int(st["step"]), st["data"]
         check_resume_state(st, str(d), total_steps=self.total_steps, stop_at=self.stop_at,
@@ -175,6 +181,7 @@ class Trainer:
     def save(self, run_dir: Path) -> Path | None:
         """Write a checkpoint (collective under FSDP; rank 0 writes). Returns the step folder on rank 0."""
         live = dist_utils.full_state_dict(self.model, self.info)
+        guard.check_state_finite(live, "the live weights", self.step)  # a NaN checkpoint is never written
         ema_sd = None
         if self.ema is not None:
             with self.ema.swapped_into(self.model):
@@ -250,8 +257,7 @@ class Trainer:
         with self._autocast():
             losses = self.model(batch)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()} ({_fmt_losses(losses)})")
+        guard.check_finite(step, "the loss", loss, raw, _fmt_losses(losses))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = float(self.tcfg.grad_clip or 0.0)
@@ -259,6 +265,7 @@ class Trainer:
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
             gnorm = gnorm.full_tensor()
+        guard.check_finite(step, "the gradient norm", gnorm, raw)  # before the step: weights stay finite
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -304,7 +311,8 @@ class Trainer:
         if nw > 0:
             kw = {"worker_init_fn": worker_init(self.seed, self.data_pos.epoch, self.info.rank),
                   "persistent_workers": False, "prefetch_factor": 4}
-        return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate_windows,
+        return DataLoader(self.train_data, batch_sampler=self.sampler, num_workers=nw,
+                          collate_fn=guard.collate_guarded,
                           pin_memory=self.device.type == "cuda", **kw)
 
     def run(self, run_dir: Path) -> Path:
@@ -316,7 +324,9 @@ class Trainer:
         n_params = sum(p.numel() for p in self.raw_model.parameters())
         log.line(f"start step={self.step} steps={self.total_steps} params={n_params} strategy={self.strategy} "
                  f"world_size={info.world_size} device={self.device} bf16={self.bf16} windows={len(self.dataset)} "
-                 f"resume={self.resume_dir}")
+                 f"resume={self.resume_dir} on_corrupt={self.train_data.mode}")
+        if getattr(self.store, "open_note", None):
+            log.line(self.store.open_note)
         bar = None
         if info.is_main and tcfg.get("progress", True):
             from tqdm import tqdm
@@ -336,7 +346,11 @@ class Trainer:
         try:
             while self.step < self.stop_at:
                 t0 = time.perf_counter()
-                raw = next(it)
+                try:
+                    raw = next(it)
+                except (guard.CorruptDataError, guard.StoreError) as e:
+                    self._stop_on_corrupt(run_dir, log, e)
+                self._note_skipped(raw, log)
                 t_wait += time.perf_counter() - t0
                 metrics = self.train_step(raw)
                 n_seen += self.batch_size * info.world_size
@@ -352,6 +366,7 @@ class Trainer:
                     m["lr"] = metrics["lr"]
                     m["samples_per_s"] = n_seen / max(elapsed, 1e-9)
                     m["data_wait_frac"] = t_wait / max(elapsed, 1e-9)
+                    m["skipped_episodes"] = len(self.skipped)
                     m["epoch"] = self.data_pos.epoch + self.data_pos.position / self.sampler.batches_per_epoch
                     log.log(self.step, m)
                     acc, acc_n, n_seen, t_wait, t_side, t_start = {}, 0, 0, 0.0, 0.0, time.perf_counter()
@@ -384,6 +399,24 @@ class Trainer:
         self.saved_step = self.step
         if path is not None:
             log.line(f"checkpoint step={self.step} path={path}")
+
+    def _note_skipped(self, raw: dict[str, Any], log: MetricLog) -> None:
+        for ep, why in raw.pop("corrupt", []):
+            if ep not in self.skipped:
+                self.skipped[ep] = why
+                log.line(f"skip episode={ep} step={self.step} skipped={len(self.skipped)} reason: {why}")
+
+    def _stop_on_corrupt(self, run_dir: Path, log: MetricLog, e: Exception) -> None:
+        """Checkpoint the last completed step (the failed batch is not consumed) and stop, naming the data."""
+        where = "no checkpoint (no step was completed)"
+        if self.step > 0:
+            if self.saved_step != self.step:
+                self._save_logged(run_dir, log)
+            where = f"checkpoint of step {self.step} in {run_dir / 'checkpoints'}"
+        msg = (f"step {self.step + 1}: corrupt training data: {e}; {where}; run `vla dataset verify --repair`, or "
+               f"resume with dataset.on_corrupt=skip to train past the episodes that cannot be read")
+        log.line(f"stop {msg}")
+        raise guard.CorruptDataError(msg) from None
 
     def _closed_loop_eval(self, run_dir: Path, log: MetricLog) -> None:
         """Closed-loop rollouts of this step's checkpoint (rank 0) through ``vla.evaluation``."""
