@@ -94,22 +94,20 @@ def test_corrupt_chunk_skip_trains_on_and_counts_the_skipped_episode(bad_store, 
 
 def test_corrupt_chunk_stop_leaves_a_checkpoint_and_names_the_episode(bad_store, tmp_path):
     run = tmp_path / "run"
+    args = [*COMMON, "dataset.in_memory=false", "seed=3"]  # seed 3: the damaged episode's first batch is step 3's
     with pytest.raises(guard.CorruptDataError) as ei:
-        train(train_cfg(bad_store, run, *COMMON, "dataset.in_memory=false"))
+        train(train_cfg(bad_store, run, *args))
     msg = str(ei.value)
-    assert "corrupt training data" in msg and "data/images/cam0 chunk 3" in msg and "episodes 3" in msg
-    assert "dataset.on_corrupt=skip" in msg
-    step = int(msg.split(":")[0].removeprefix("step ")) - 1  # the failed batch was step+1's
-    if step > 0:
-        assert f"checkpoint of step {step}" in msg
-        d = ckpt.resolve_checkpoint(run)
-        assert d.name == ckpt.step_dirname(step) and ckpt.load_trainer_state(d)["step"] == step
-        # ... and the run resumes past it with skip.
-        train(train_cfg(bad_store, run, *COMMON, "dataset.in_memory=false", "dataset.on_corrupt=skip",
-                        f"resume={run}"))
-        assert ckpt.resolve_checkpoint(run).name == "step_0000008"
-    else:
-        assert "no checkpoint" in msg and not ckpt.list_checkpoints(run / "checkpoints")
+    assert msg.startswith("step 3: corrupt training data: a batch of episodes ")
+    assert "data/images/cam0 chunk 3 (rows 36-47, episodes 3) is corrupt" in msg and "dataset.on_corrupt=skip" in msg
+    assert f"checkpoint of step 2 in {run / 'checkpoints'}" in msg
+    d = ckpt.resolve_checkpoint(run)
+    assert d.name == "step_0000002" and ckpt.load_trainer_state(d)["step"] == 2
+    assert "stop step 3: corrupt training data" in (run / "train.log").read_text()
+    # ... and the run resumes past the damage with skip.
+    train(train_cfg(bad_store, run, *args, "dataset.on_corrupt=skip", f"resume={run}"))
+    assert ckpt.resolve_checkpoint(run).name == "step_0000008"
+    assert _metrics(run)[-1]["skipped_episodes"] == 1
 
 
 def test_corrupt_chunk_in_memory_stop_fails_at_open_naming_the_episodes(bad_store, tmp_path):
