@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from train_utils import train_cfg
-
-from vla import checkpoint as ckpt
 from vla.datasets import EpisodeStore, EpisodeWriter, WindowDataset
 from vla.datasets.layout import chunk_file, open_group
+
+from vla import checkpoint as ckpt
 from vla.training import Trainer, guard, train
 from vla.training import distributed as dist_utils
 
