@@ -37,8 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 from vla import checkpoint as ckpt
 from vla.datasets import collate_windows
 from vla.evaluation.checkpoint import eval_schedule
+from vla.training import chunk_loader, guard
 from vla.training import distributed as dist_utils
-from vla.training import guard
 from vla.training.augment import AugmentConfig, augment_images, draw_params
 from vla.training.data import build_model_config, open_store, select_episodes
 from vla.training.data_order import DataPosition, ResumableBatchSampler, mix_seed, worker_init
@@ -101,7 +101,9 @@ class Trainer:
         self.dataset = WindowDataset(self.store, episodes=train_eps, **win)
         self.val_dataset = WindowDataset(self.store, episodes=val_eps, **win) if val_eps else None
         # Corrupt chunks met while training: skip their episodes (counted) or stop with a checkpoint.
-        self.train_data = guard.GuardedWindows(self.dataset, guard.on_corrupt_mode(dcfg.get("on_corrupt")))
+        self.train_data = guard.GuardedWindows(self.dataset if self.store.in_memory else chunk_loader.cached_windows(
+            self.dataset, chunk_loader.cache_capacity(4, 8, len(self.dataset.cameras))),
+            guard.on_corrupt_mode(dcfg.get("on_corrupt")))
         self.skipped: dict[int, str] = {}
         global_batch = self.batch_size * info.world_size
         if len(self.dataset) == 0:
@@ -142,7 +144,7 @@ class Trainer:
         self.step = 0
         self.saved_step = -1
         self.data_pos = DataPosition()
-        self.sampler = ResumableBatchSampler(len(self.dataset), self.batch_size, info.world_size, info.rank, self.seed)
+        self.sampler = self._make_sampler("random" if self.store.in_memory else "chunked")
         if self.resume_dir is not None:
             self._load_resume_state()
 
@@ -171,9 +173,19 @@ class Trainer:
             raise ValueError(f"resume {d}: the checkpoint does not load into this model: {e}") from None
         self.step = self.saved_step = step  # that checkpoint exists
         self.data_pos = DataPosition(int(data["epoch"]), int(data["position"]))
+        if data.get("order", "random") != self.order:  # continue in the checkpoint's data order
+            self.sampler = self._make_sampler(data.get("order", "random"))
         self.sampler.start = dataclasses.replace(self.data_pos)
         rs = st["rng"]
         set_rng_state(rs[self.info.rank] if len(rs) > self.info.rank else rs[0])
+
+    def _make_sampler(self, order: str) -> ResumableBatchSampler:
+        """The data order: a permutation of all windows ("random"), or chunk-local for a store on disk."""
+        args = (self.batch_size, self.info.world_size, self.info.rank, self.seed)
+        self.order = order
+        if order == "chunked":
+            return chunk_loader.disk_sampler(self.dataset, chunk_loader.ChunkCache(self.store, 0), *args)
+        return ResumableBatchSampler(len(self.dataset), *args)
 
     def _optimizer_format(self) -> str:
         return "fqn" if self.strategy == "fsdp" else "torch"
@@ -205,7 +217,8 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema is not None else {},
                 "rng": rngs,
                 "data": {"epoch": self.data_pos.epoch, "position": self.data_pos.position,
-                         "num_samples": len(self.dataset), "world_size": self.info.world_size, "seed": self.seed},
+                         "num_samples": len(self.dataset), "world_size": self.info.world_size, "seed": self.seed,
+                         "order": self.order},
             }
             out = ckpt.save_checkpoint(
                 run_dir / "checkpoints", self.step,
