@@ -100,7 +100,10 @@ CKPT_SCRIPT = textwrap.dedent(
 
 def checkpoint_kill_trial(tmp: Path, rng: np.random.Generator) -> dict:
     """SIGKILL a process that writes checkpoints back to back at a random time; the checkpoint
-    that ``last`` names (or the newest complete one) must load, with the weights of its step."""
+    that ``last`` names (or the newest complete one) must load, with the weights of its step, and
+    the next write must clean the killed writer's temp folder."""
+    import torch
+
     from vla import checkpoint as ckpt
 
     root = tmp / "checkpoints"
@@ -122,7 +125,13 @@ def checkpoint_kill_trial(tmp: Path, rng: np.random.Generator) -> dict:
     incomplete = [p.name for p in ckpt.list_checkpoints(root)
                   if any(not (p / f).is_file() for f in ckpt.FILES)]
     temp = [p.name for p in root.iterdir() if p.name.startswith(".")]
-    return {"loaded_step": step, "incomplete_step_dirs": incomplete, "temp_leftovers": temp}
+    # The run's next write removes the killed writer's temp folder (its pid is gone).
+    w = torch.zeros(1)
+    ckpt.save_checkpoint(root, step + 1, model_state={"w": w}, ema_state=None, config={"model": {}}, normalizer={},
+                         tokenizer={}, trainer_state={"step": step + 1}, keep_last=2)
+    after = [p.name for p in root.iterdir() if p.name.startswith(".")]
+    return {"loaded_step": step, "incomplete_step_dirs": incomplete, "temp_leftovers": temp,
+            "temp_after_next_write": after}
 
 
 TRAIN_STEPS = 60
@@ -255,7 +264,7 @@ def test_kill_during_collect_keeps_every_committed_episode(tmp_path):
 def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
     for seed in range(2):
         r = checkpoint_kill_trial(tmp_path / str(seed), np.random.default_rng(seed))
-        assert r["loaded_step"] >= 1
+        assert r["loaded_step"] >= 1 and r["incomplete_step_dirs"] == [] and r["temp_after_next_write"] == []
 
 
 def test_kill_during_training_resumes_to_the_same_final_weights(tmp_path):
@@ -283,6 +292,11 @@ def summarize(kind: str, rows: list[dict]) -> str:
         return (f"train: {same}/{n} resumed runs reached the uninterrupted run's final weights (max abs diff "
                 f"{max(r['max_abs_diff'] for r in rows):.1e}); resumed from steps {steps}; {left}/{n} kills left a "
                 f"temp folder, {sum(bool(r['temp_after_resume']) for r in rows)}/{n} still there after the resume")
+    if kind == "checkpoint":
+        return (f"checkpoint: {n}/{n} loadable at steps {sorted(r['loaded_step'] for r in rows)}; "
+                f"{sum(bool(r['incomplete_step_dirs']) for r in rows)} incomplete step folders; "
+                f"{sum(bool(r['temp_leftovers']) for r in rows)}/{n} kills left a temp folder, "
+                f"{sum(bool(r['temp_after_next_write']) for r in rows)}/{n} still there after the next write")
     return f"{kind}: {n} trials"
 
 

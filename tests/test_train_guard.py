@@ -193,6 +193,7 @@ def test_stale_temp_folders_of_a_killed_writer_are_removed_at_the_next_write(tmp
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
     (root / f".last_{dead_pid}").write_text("step_0000004\n")
+    (root / f".prune_step_0000001_{dead_pid}").mkdir()  # killed while pruning step 1
     live = root / ".tmp_step_0000009_1"  # pid 1 is alive: a writer still at work keeps its folder
     live.mkdir()
     t = {"w": torch.ones(2)}
