@@ -124,22 +124,21 @@ class ChunkCache:
     def chunk_frames(self, camera: str) -> int:
         return int(self._array(camera).chunks[0])
 
-    def _load(self, camera: str, chunks: np.ndarray) -> None:
-        """Decode the missing chunks, one zarr read per run of consecutive chunk ids."""
+    def _load(self, camera: str, chunks: np.ndarray) -> dict[int, np.ndarray]:
+        """Decode these chunks, one zarr read per run of consecutive chunk ids."""
         from vla.datasets.layout import read_checked
 
         a = self._array(camera)
         f = int(a.chunks[0])
-        runs = np.split(chunks, np.flatnonzero(np.diff(chunks) != 1) + 1)
-        for run in runs:
+        out = {}
+        for run in np.split(chunks, np.flatnonzero(np.diff(chunks) != 1) + 1):
             lo, hi = int(run[0]) * f, min((int(run[-1]) + 1) * f, a.shape[0])
             block = read_checked(self.store.path, a, f"data/images/{camera}", lambda lo=lo, hi=hi: a[lo:hi],
                                  self.store.episode_ends)  # (hi - lo, H, W, 3)
             for k, c in enumerate(run):
-                self._cache[(camera, int(c))] = block[k * f : (k + 1) * f]
+                out[int(c)] = block[k * f : (k + 1) * f]
             self.decoded += len(run)
-        while len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
+        return out
 
     def read_frames(self, camera: str, rows: np.ndarray) -> np.ndarray:
         """u8[len(rows), H, W, 3], like ``EpisodeStore.read_frames``."""
@@ -151,16 +150,23 @@ class ChunkCache:
         f = self.chunk_frames(camera)
         chunk = rows // f  # (R,)
         need = np.unique(chunk)
-        missing = np.array([c for c in need if (camera, int(c)) not in self._cache], np.int64)
+        blocks: dict[int, np.ndarray] = {}
+        for c in need.tolist():
+            b = self._cache.get((camera, c))
+            if b is not None:
+                self._cache.move_to_end((camera, c))
+                blocks[c] = b
+        missing = np.array([c for c in need.tolist() if c not in blocks], np.int64)
         if missing.size:
-            self._load(camera, missing)
+            for c, b in self._load(camera, missing).items():
+                blocks[c] = self._cache[(camera, c)] = b
+            while len(self._cache) > self.capacity:  # least recently used first; this call holds its own
+                self._cache.popitem(last=False)
         h, w = self.store.cameras[camera]
         out = np.empty((rows.size, h, w, 3), np.uint8)
-        for c in need:
+        for c, b in blocks.items():
             sel = np.flatnonzero(chunk == c)
-            block = self._cache[(camera, int(c))]
-            self._cache.move_to_end((camera, int(c)))
-            out[sel] = block[rows[sel] - int(c) * f]
+            out[sel] = b[rows[sel] - c * f]
         return out
 
 
