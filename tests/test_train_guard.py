@@ -253,7 +253,8 @@ def test_chunk_cache_reads_what_the_store_reads_decoding_each_chunk_once(store):
     assert cds.store.decoded == N_EP  # one chunk per episode here, each decoded once
     tiny = cached_windows(ds, capacity_chunks=1)  # a batch needing more chunks than the cache holds
     idx = list(range(0, len(ds), 5))
-    assert np.array_equal(tiny.__getitems__(idx).arrays["images"]["cam0"], ds.__getitems__(idx).arrays["images"]["cam0"])
+    got, want = tiny.__getitems__(idx).arrays, ds.__getitems__(idx).arrays
+    assert np.array_equal(got["images"]["cam0"], want["images"]["cam0"])
     assert len(tiny.store._cache) == 1
     with pytest.raises(ValueError, match="unknown camera 'nope'"):
         cds.store.read_frames("nope", [0])
