@@ -130,6 +130,23 @@ def collate_guarded(batch) -> dict[str, Any]:
     return out
 
 
+def note_skipped(raw: dict[str, Any], skipped: dict[int, str], step: int, line) -> None:
+    """Move a batch's ``corrupt`` report into ``skipped`` and log each newly skipped episode once."""
+    for ep, why in raw.pop("corrupt", []):
+        if ep not in skipped:
+            skipped[ep] = why
+            line(f"skip episode={ep} step={step} skipped={len(skipped)} reason: {why}")
+
+
+def stop_on_corrupt(step: int, error: Exception, ckpt_root, line) -> None:
+    """Raise ``CorruptDataError`` for a batch that could not be read after ``step`` completed steps."""
+    where = f"checkpoint of step {step} in {ckpt_root}" if step > 0 else "no checkpoint (no step was completed)"
+    msg = (f"step {step + 1}: corrupt training data: {error}; {where}; run `vla dataset verify --repair`, or "
+           f"resume with dataset.on_corrupt=skip to train past the episodes that cannot be read")
+    line(f"stop {msg}")
+    raise CorruptDataError(msg) from None
+
+
 def batch_episodes(raw: dict[str, Any]) -> list[int]:
     ep = raw.get("episode")
     return sorted({int(e) for e in ep.tolist()}) if torch.is_tensor(ep) else []

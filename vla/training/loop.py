@@ -363,7 +363,7 @@ class Trainer:
                     raw = next(it)
                 except (guard.CorruptDataError, guard.StoreError) as e:
                     self._stop_on_corrupt(run_dir, log, e)
-                self._note_skipped(raw, log)
+                guard.note_skipped(raw, self.skipped, self.step, log.line)
                 t_wait += time.perf_counter() - t0
                 metrics = self.train_step(raw)
                 n_seen += self.batch_size * info.world_size
@@ -413,23 +413,11 @@ class Trainer:
         if path is not None:
             log.line(f"checkpoint step={self.step} path={path}")
 
-    def _note_skipped(self, raw: dict[str, Any], log: MetricLog) -> None:
-        for ep, why in raw.pop("corrupt", []):
-            if ep not in self.skipped:
-                self.skipped[ep] = why
-                log.line(f"skip episode={ep} step={self.step} skipped={len(self.skipped)} reason: {why}")
-
     def _stop_on_corrupt(self, run_dir: Path, log: MetricLog, e: Exception) -> None:
         """Checkpoint the last completed step (the failed batch is not consumed) and stop, naming the data."""
-        where = "no checkpoint (no step was completed)"
-        if self.step > 0:
-            if self.saved_step != self.step:
-                self._save_logged(run_dir, log)
-            where = f"checkpoint of step {self.step} in {run_dir / 'checkpoints'}"
-        msg = (f"step {self.step + 1}: corrupt training data: {e}; {where}; run `vla dataset verify --repair`, or "
-               f"resume with dataset.on_corrupt=skip to train past the episodes that cannot be read")
-        log.line(f"stop {msg}")
-        raise guard.CorruptDataError(msg) from None
+        if self.step > 0 and self.saved_step != self.step:
+            self._save_logged(run_dir, log)
+        guard.stop_on_corrupt(self.step, e, run_dir / "checkpoints", log.line)
 
     def _closed_loop_eval(self, run_dir: Path, log: MetricLog) -> None:
         """Closed-loop rollouts of this step's checkpoint (rank 0) through ``vla.evaluation``."""
