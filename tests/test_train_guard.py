@@ -275,3 +275,14 @@ def test_disk_training_says_so_and_resumes_exactly(store, tmp_path):
     auto = tmp_path / "auto"
     train(train_cfg(store, auto, *COMMON, "trainer.steps=1"))
     assert "data: memory; auto: images 0.00 GiB" in (auto / "train.log").read_text()
+
+
+def test_corrupt_validation_episode_is_skipped_or_stops(bad_store, tmp_path):
+    # The damaged episode 3 is held out with 4 and 5 (val_episodes=3): validation meets it.
+    args = [*COMMON, "dataset.in_memory=false", "dataset.val_episodes=3", "trainer.val_every=2", "trainer.steps=4"]
+    train(train_cfg(bad_store, tmp_path / "skip", *args, "dataset.on_corrupt=skip"))
+    assert ckpt.resolve_checkpoint(tmp_path / "skip").name == "step_0000004"
+    assert any(m["split"] == "val" for m in _metrics(tmp_path / "skip"))
+    with pytest.raises(guard.CorruptDataError, match=r"data/images/cam0 chunk 3 .*checkpoint of step 2 in"):
+        train(train_cfg(bad_store, tmp_path / "stop", *args))
+    assert ckpt.resolve_checkpoint(tmp_path / "stop").name == "step_0000002"

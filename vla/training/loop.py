@@ -104,6 +104,7 @@ class Trainer:
         self.train_data = guard.GuardedWindows(self.dataset if self.store.in_memory else chunk_loader.cached_windows(
             self.dataset, chunk_loader.cache_capacity(4, 8, len(self.dataset.cameras))),
             guard.on_corrupt_mode(dcfg.get("on_corrupt")))
+        self.val_data = guard.GuardedWindows(self.val_dataset, self.train_data.mode) if val_eps else None
         self.skipped: dict[int, str] = {}
         global_batch = self.batch_size * info.world_size
         if len(self.dataset) == 0:
@@ -302,7 +303,7 @@ class Trainer:
         model = self.model
         model.eval()
         for b in range(nb):
-            raw = collate_windows(self.val_dataset.__getitems__(idx[b * bs : (b + 1) * bs]))
+            raw = collate_windows(self.val_data.__getitems__(idx[b * bs : (b + 1) * bs]))
             batch = self.processor.training_batch(raw, self.device)
             torch.manual_seed(mix_seed(self.seed, 0x7A1, b))  # the same flow noise at every validation
             with self._autocast():
@@ -385,7 +386,10 @@ class Trainer:
                     acc, acc_n, n_seen, t_wait, t_side, t_start = {}, 0, 0, 0.0, 0.0, time.perf_counter()
                 t0 = time.perf_counter()
                 if self.val_dataset is not None and val_every and self.step % val_every == 0:
-                    log.log(self.step, dist_utils.all_reduce_mean(info, self.validation_loss()), prefix="val")
+                    try:
+                        log.log(self.step, dist_utils.all_reduce_mean(info, self.validation_loss()), prefix="val")
+                    except (guard.CorruptDataError, guard.StoreError) as e:
+                        self._stop_on_corrupt(run_dir, log, e)
                 if ckpt_every and self.step % ckpt_every == 0:
                     self._save_logged(run_dir, log)
                 if eval_every and self.step % eval_every == 0:
