@@ -66,7 +66,7 @@ def test_bench_dataloader_prints_json(capsys):
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     res = out["results"]
-    assert set(res) == {"disk_workers0", "memory_workers0"}
+    assert set(res) == {"disk_workers0", "disk_chunked_workers0", "memory_workers0"}
     assert all(r["samples_per_s"] > 0 and r["batches"] == 2 for r in res.values())
     assert out["store"]["zarr_bytes"] > 0
 

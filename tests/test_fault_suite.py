@@ -1,6 +1,7 @@
-"""The store and checkpoint parts of the fault suite (issue 18 item 4): kill -9 at a random point
-of `vla collect`, kill -9 during checkpoint writes, and random corruption of 50 chunks across
-the arrays of a store. Each trial checks its bound: nothing committed is lost, every damaged
+"""The fault suite (issue 18 item 4): kill -9 at a random point of `vla collect`, of `vla train`
+(the resumed run must reach the uninterrupted run's final weights), and during checkpoint writes,
+and random corruption of 50 chunks across the arrays of a store. The server fuzzer is
+tests/test_server_fuzz.py. Each trial checks its bound: nothing committed is lost, every damaged
 chunk is reported, repair removes exactly the episodes the damage covers.
 
 The tests run one or two trials each; the figures in docs/reliability.md come from running
@@ -8,6 +9,7 @@ this file as a script, which runs many and prints the counts:
 
     MUJOCO_GL=egl .venv/bin/python tests/test_fault_suite.py --trials 10
     .venv/bin/python tests/test_fault_suite.py --trials 10 --only corruption --store-episodes 150
+    .venv/bin/python tests/test_fault_suite.py --trials 10 --only train --out train_kill.json
 """
 
 from __future__ import annotations
@@ -98,7 +100,10 @@ CKPT_SCRIPT = textwrap.dedent(
 
 def checkpoint_kill_trial(tmp: Path, rng: np.random.Generator) -> dict:
     """SIGKILL a process that writes checkpoints back to back at a random time; the checkpoint
-    that ``last`` names (or the newest complete one) must load, with the weights of its step."""
+    that ``last`` names (or the newest complete one) must load, with the weights of its step, and
+    the next write must clean the killed writer's temp folder."""
+    import torch
+
     from vla import checkpoint as ckpt
 
     root = tmp / "checkpoints"
@@ -120,7 +125,83 @@ def checkpoint_kill_trial(tmp: Path, rng: np.random.Generator) -> dict:
     incomplete = [p.name for p in ckpt.list_checkpoints(root)
                   if any(not (p / f).is_file() for f in ckpt.FILES)]
     temp = [p.name for p in root.iterdir() if p.name.startswith(".")]
-    return {"loaded_step": step, "incomplete_step_dirs": incomplete, "temp_leftovers": temp}
+    # The run's next write removes the killed writer's temp folder (its pid is gone).
+    w = torch.zeros(1)
+    ckpt.save_checkpoint(root, step + 1, model_state={"w": w}, ema_state=None, config={"model": {}}, normalizer={},
+                         tokenizer={}, trainer_state={"step": step + 1}, keep_last=2)
+    after = [p.name for p in root.iterdir() if p.name.startswith(".")]
+    return {"loaded_step": step, "incomplete_step_dirs": incomplete, "temp_leftovers": temp,
+            "temp_after_next_write": after}
+
+
+TRAIN_STEPS = 60
+TRAIN_ARGS = ["trainer=debug", "device=cpu", f"trainer.steps={TRAIN_STEPS}", "trainer.batch_size=8",
+              "trainer.warmup_steps=2", "trainer.ckpt_every=1", "trainer.keep_last=2", "trainer.log_every=1",
+              "trainer.ema_decay=0.9", "trainer.num_threads=1"]
+
+
+def _train_cmd(store: Path, run: Path, *extra: str) -> list[str]:
+    from train_utils import TINY
+
+    return [sys.executable, "-m", "vla", "train", f"dataset.path={store}", f"run_dir={run}", *TRAIN_ARGS, *TINY,
+            *extra]
+
+
+def _train_reference(tmp: Path) -> tuple[Path, dict]:
+    """The store and the final weights of an uninterrupted run (the same command, never killed)."""
+    from train_utils import make_store
+
+    from vla import checkpoint as ckpt
+
+    store = make_store(tmp / "store.zarr", episodes=3, length=12)
+    ref = tmp / "reference"
+    r = subprocess.run(_train_cmd(store, ref), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    step_dir = ckpt.resolve_checkpoint(ref)
+    return store, {n: ckpt.load_tensors(step_dir / n) for n in ("model.safetensors", "ema.safetensors")}
+
+
+def train_kill_trial(tmp: Path, rng: np.random.Generator, reference: tuple[Path, dict]) -> dict:
+    """SIGKILL `vla train` at a random time after its first checkpoint, resume it to the end, and
+    compare the final live and EMA weights with the uninterrupted run's."""
+    import torch
+
+    from vla import checkpoint as ckpt
+
+    store, want = reference
+    run = tmp / "run"
+    proc = subprocess.Popen(_train_cmd(store, run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    finished_first = False
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last").exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"train exited early: {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("train wrote no checkpoint in 300 s")
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0.0, 3.0)))
+        finished_first = proc.poll() is not None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = int(ckpt.resolve_checkpoint(run).name[5:])  # the checkpoint the resume starts from
+    temp_before = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("."))
+    if killed_at < TRAIN_STEPS:  # else the run ended before the kill: nothing to resume
+        r = subprocess.run(_train_cmd(store, run, f"resume={run}"), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    final = ckpt.resolve_checkpoint(run)
+    max_diff = 0.0
+    for name, ref in want.items():
+        got = ckpt.load_tensors(final / name)
+        assert got.keys() == ref.keys()
+        max_diff = max(max_diff, *(float((got[k] - ref[k]).abs().max()) for k in ref))
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    temp_after = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("."))
+    return {"resumed_from_step": killed_at, "finished_before_kill": finished_first, "final_step": int(final.name[5:]),
+            "same_final_weights": bool(max_diff <= 1e-6), "max_abs_diff": max_diff,
+            "steps_logged_twice": len(steps) - len(set(steps)), "temp_left_by_kill": temp_before,
+            "temp_after_resume": temp_after, "torch": torch.__version__}
 
 
 def _corruption_store(path: Path, n: int = 60) -> list[dict]:
@@ -183,7 +264,16 @@ def test_kill_during_collect_keeps_every_committed_episode(tmp_path):
 def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
     for seed in range(2):
         r = checkpoint_kill_trial(tmp_path / str(seed), np.random.default_rng(seed))
-        assert r["loaded_step"] >= 1
+        assert r["loaded_step"] >= 1 and r["incomplete_step_dirs"] == [] and r["temp_after_next_write"] == []
+
+
+def test_kill_during_training_resumes_to_the_same_final_weights(tmp_path):
+    ref = _train_reference(tmp_path)
+    for seed in range(2):
+        r = train_kill_trial(tmp_path / str(seed), np.random.default_rng(seed), ref)
+        assert r["final_step"] == TRAIN_STEPS and r["same_final_weights"], r
+        assert 1 <= r["resumed_from_step"] < TRAIN_STEPS, r  # the kill landed mid-run
+        assert r["temp_after_resume"] == []
 
 
 def test_fifty_corrupt_chunks_are_all_reported_and_repair_loses_only_their_episodes(tmp_path):
@@ -192,28 +282,60 @@ def test_fifty_corrupt_chunks_are_all_reported_and_repair_loses_only_their_episo
     assert r["removed_exactly_covered"] and r["rest_identical"] and r["ok_after_repair"]
 
 
+def summarize(kind: str, rows: list[dict]) -> str:
+    """One line of figures per fault kind (what docs/reliability.md quotes)."""
+    n = len(rows)
+    if kind == "train":
+        same = sum(r["same_final_weights"] for r in rows)
+        steps = sorted(r["resumed_from_step"] for r in rows)
+        left = sum(bool(r["temp_left_by_kill"]) for r in rows)
+        return (f"train: {same}/{n} resumed runs reached the uninterrupted run's final weights (max abs diff "
+                f"{max(r['max_abs_diff'] for r in rows):.1e}); resumed from steps {steps}; {left}/{n} kills left a "
+                f"temp folder, {sum(bool(r['temp_after_resume']) for r in rows)}/{n} still there after the resume")
+    if kind == "checkpoint":
+        return (f"checkpoint: {n}/{n} loadable at steps {sorted(r['loaded_step'] for r in rows)}; "
+                f"{sum(bool(r['incomplete_step_dirs']) for r in rows)} incomplete step folders; "
+                f"{sum(bool(r['temp_leftovers']) for r in rows)}/{n} kills left a temp folder, "
+                f"{sum(bool(r['temp_after_next_write']) for r in rows)}/{n} still there after the next write")
+    return f"{kind}: {n} trials"
+
+
 def main() -> None:
     import argparse
     import tempfile
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--only", choices=("collect", "checkpoint", "corruption"), default=None)
+    p.add_argument("--only", choices=("collect", "checkpoint", "corruption", "train"), default=None)
     p.add_argument("--store-episodes", type=int, default=60, help="episodes of the store the corruption trials damage")
+    p.add_argument("--out", type=Path, default=None, help="write every trial's figures here as JSON")
     args = p.parse_args()
-    results: dict[str, list] = {"collect": [], "checkpoint": [], "corruption": []}
+    results: dict[str, list] = {"collect": [], "checkpoint": [], "corruption": [], "train": []}
     def corruption(tmp: Path, rng: np.random.Generator) -> dict:
         return corruption_trial(tmp, rng, n_episodes=args.store_episodes)
 
-    for kind, fn in (("collect", collect_kill_trial), ("checkpoint", checkpoint_kill_trial),
-                     ("corruption", corruption)):
-        if args.only and kind != args.only:
-            continue
-        for t in range(args.trials):
-            with tempfile.TemporaryDirectory() as d:
-                r = fn(Path(d), np.random.default_rng(1000 + t))
-            results[kind].append(r)
-            print(kind, t, json.dumps(r), flush=True)
+    with tempfile.TemporaryDirectory() as ref_dir:
+        reference: list = []
+
+        def train(tmp: Path, rng: np.random.Generator) -> dict:
+            if not reference:  # one uninterrupted run serves every trial
+                reference.append(_train_reference(Path(ref_dir)))
+            return train_kill_trial(tmp, rng, reference[0])
+
+        for kind, fn in (("collect", collect_kill_trial), ("checkpoint", checkpoint_kill_trial),
+                         ("corruption", corruption), ("train", train)):
+            if args.only and kind != args.only:
+                continue
+            for t in range(args.trials):
+                with tempfile.TemporaryDirectory() as d:
+                    r = fn(Path(d), np.random.default_rng(1000 + t))
+                results[kind].append(r)
+                print(kind, t, json.dumps(r), flush=True)
+    for kind, rows in results.items():
+        if rows:
+            print(summarize(kind, rows))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results))
 
 

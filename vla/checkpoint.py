@@ -15,7 +15,11 @@ Layout (docs/architecture.md, docs/contracts.md)::
 
 A step folder is written under a temporary name, every file fsynced, then renamed into place,
 so a crash never leaves a half-written ``step_*``; ``last`` is replaced atomically after the
-rename. Nothing here unpickles arbitrary objects.
+rename. Pruning renames a step folder out of the ``step_*`` names before deleting it, so a kill
+mid-prune never leaves a partial one. Temp leftovers of a writer killed mid-write or mid-prune
+(``.tmp_step_*_<pid>``, ``.prune_step_*_<pid>``, ``.last_<pid>``) are removed at the run's next
+write or resume once their pid is gone. Nothing here unpickles
+arbitrary objects.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ def save_checkpoint(
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp(root)  # leftovers of an earlier writer of this run killed mid-write
     final = root / step_dirname(step)
     tmp = root / f".tmp_{step_dirname(step)}_{os.getpid()}"
     if tmp.exists():
@@ -109,7 +114,7 @@ def save_checkpoint(
         _fsync_file(tmp / name)
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
+        _remove_step_dir(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     last_tmp = root / f".last_{os.getpid()}"
@@ -119,6 +124,43 @@ def save_checkpoint(
     _fsync_dir(root)
     prune_checkpoints(root, keep_last)
     return final
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def clean_stale_temp(ckpt_root: str | os.PathLike) -> list[str]:
+    """Remove ``.tmp_step_*_<pid>`` / ``.prune_step_*_<pid>`` folders and ``.last_<pid>`` files left by
+    writers killed mid-write or mid-prune.
+
+    Only leftovers whose pid is no longer alive go: a writer still running keeps its temp folder.
+    Returns the names removed. Called at every checkpoint write and when a run is resumed.
+    """
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.iterdir():
+        if not p.name.startswith((".tmp_step_", ".last_", ".prune_step_")):
+            continue
+        pid = p.name.rsplit("_", 1)[-1]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return sorted(removed)
 
 
 def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
@@ -135,7 +177,15 @@ def prune_checkpoints(ckpt_root: str | os.PathLike, keep_last: int) -> None:
     if keep_last <= 0:
         return
     for p in list_checkpoints(ckpt_root)[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove_step_dir(p)
+
+
+def _remove_step_dir(p: Path) -> None:
+    """Delete a step folder so that a kill midway never leaves a partial ``step_*``: rename it out of
+    the ``step_*`` namespace first (atomic), then delete (a leftover is cleaned like a temp folder)."""
+    gone = p.parent / f".prune_{p.name}_{os.getpid()}"
+    os.replace(p, gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

@@ -7,7 +7,9 @@ Writes a synthetic store in a temp dir (smooth per-episode backgrounds, a moving
 optional pixel noise; at noise=0 blosc-zstd compresses it ~2.9x, rendered MetaWorld frames 3.0-6.4x), then
 times ``batches`` batches (after one untimed warm-up batch, which absorbs worker start-up) of
 ``batch_size`` shuffled windows with ``horizon``-step action chunks, from disk
-(``in_memory=False``: images decoded from zarr chunks per batch) and from memory, for each
+(``in_memory=False``: images decoded from zarr chunks per batch), from disk in the training
+loop's chunk-local order (``disk_chunked``: whole chunks, a shuffle buffer of ``buffer_spans``
+spans of ``span_chunks`` chunks; ``vla.training.chunk_loader``) and from memory, for each
 ``workers`` count. With ``video=true`` the same frames are also exported as per-episode H.264
 mp4 files (LeRobot's layout, ``-g 2``) and windows are decoded from them
 (``video_batches`` batches, workers 0), for a bytes-on-disk and speed comparison; ``video_psnr``
@@ -42,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     "video_batches": 3,
     "crf": 23,
     "seed": 0,
+    "span_chunks": 4,       # disk_chunked: consecutive image chunks per shuffled span
+    "buffer_spans": 8,      # disk_chunked: spans in the shuffle buffer
+    "image_chunk_frames": 0,  # frames per image chunk at write time (0 = the writer's default, ~1 MiB)
 }
 
 
@@ -74,7 +79,8 @@ def make_store(path: Path, a: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng(a["seed"])
     cams = {f"cam{i}": (a["image_size"], a["image_size"]) for i in range(a["cameras"])}
     t_gen = t_write = 0.0
-    with EpisodeWriter(path, env="synthetic", fps=10, cameras=cams, action_dim=7, state_dim=9) as w:
+    with EpisodeWriter(path, env="synthetic", fps=10, cameras=cams, action_dim=7, state_dim=9,
+                       image_chunk_frames=a["image_chunk_frames"] or None) as w:
         for e in range(a["episodes"]):
             t0 = time.perf_counter()
             n = a["steps"]
@@ -116,6 +122,32 @@ def time_loader(ds, batch_size: int, batches: int, workers: int, seed: int) -> d
     return {"samples_per_s": round(n / dt, 1), "batches": n // batch_size, "seconds": round(dt, 3)}
 
 
+def time_chunked(ds, a: dict[str, Any], workers: int) -> dict[str, float]:
+    """Samples/s of the chunk-local order through a ``ChunkCache`` (``vla.training.chunk_loader``)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vla.datasets import collate_windows
+    from vla.training.chunk_loader import cache_capacity, cached_windows, disk_sampler
+
+    span, buf = a["span_chunks"], a["buffer_spans"]
+    cds = cached_windows(ds, cache_capacity(span, buf, len(ds.cameras)))
+    sampler = disk_sampler(ds, cds.store, a["batch_size"], 1, 0, a["seed"], span, buf)
+    dl = DataLoader(cds, batch_sampler=sampler, num_workers=workers, collate_fn=collate_windows,
+                    multiprocessing_context="fork" if workers else None)
+    it = iter(dl)
+    next(it)  # warm-up, as in time_loader
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(a["batches"]):
+        n += next(it)["action"].shape[0]
+    dt = time.perf_counter() - t0
+    del it
+    torch.set_num_threads(1)
+    return {"samples_per_s": round(n / dt, 1), "batches": n // a["batch_size"], "seconds": round(dt, 3),
+            "chunk_frames": int(cds.store.chunk_frames(ds.frame_camera)), "span_chunks": span, "buffer_spans": buf}
+
+
 def run(a: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -138,6 +170,9 @@ def run(a: dict[str, Any]) -> dict[str, Any]:
                 if in_memory:
                     r["load_s"] = round(load_s, 3)
                 res[f"{source}_workers{w}"] = r
+            if not in_memory:  # the training loop's disk path: whole chunks, a shuffle buffer of chunks
+                for w in a["workers"]:
+                    res[f"disk_chunked_workers{w}"] = time_chunked(ds, a, w)
         if a["video"]:
             from vla.datasets.video import VideoEpisodeStore, export_videos
 

@@ -15,7 +15,7 @@ MODEL_META_KEYS = ("preset", "name")
 
 def open_store(dcfg: DictConfig):
     """Open the episode store named by ``dataset.path`` or raise a ValueError naming it."""
-    from vla.datasets import EpisodeStore
+    from vla.datasets import EpisodeStore, StoreError
 
     path = dcfg.get("path")
     if path is None or OmegaConf.is_missing(dcfg, "path"):
@@ -23,8 +23,22 @@ def open_store(dcfg: DictConfig):
     p = Path(str(path))
     if not p.exists():
         raise ValueError(f"dataset.path: store not found: {p}")
+    from vla.training.chunk_loader import choose_source, image_bytes
+
     try:
-        store = EpisodeStore(str(p), in_memory=bool(dcfg.get("in_memory", True)))
+        store = EpisodeStore(str(p), in_memory=False)  # reads the index only
+        in_memory, why = choose_source(dcfg.get("in_memory", "auto"), image_bytes(store))
+        note = f"data: {'memory' if in_memory else 'disk (chunk-local order, a shuffle buffer of chunks)'}; {why}"
+        if in_memory:
+            try:
+                store = EpisodeStore(str(p), in_memory=True)
+            except StoreError as e:
+                # With on_corrupt=skip a corrupt image chunk must not stop the run at open: read images
+                # from disk instead, where the sampler skips the episodes that cannot be read.
+                if not (str(dcfg.get("on_corrupt", "stop")) == "skip" and "is corrupt" in str(e)):
+                    raise
+                note = f"data: disk (chunk-local order); images read from disk: loading them into memory met {e}"
+        store.open_note = note
     except ValueError as e:
         raise ValueError(f"dataset.path: cannot open store {p}: {e}") from None
     except Exception as e:  # noqa: BLE001 - zarr/OS errors of a corrupt store become one clear line

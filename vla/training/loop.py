@@ -38,6 +38,7 @@ from vla import checkpoint as ckpt
 from vla.datasets import collate_windows
 from vla.evaluation.checkpoint import eval_schedule
 from vla.flops import chunk_flops
+from vla.training import chunk_loader, guard
 from vla.training import distributed as dist_utils
 from vla.training.augment import AugmentConfig, augment_images, draw_params
 from vla.training.data import build_model_config, open_store, select_episodes
@@ -100,6 +101,12 @@ class Trainer:
                    frame_camera=mc.frame_camera, cameras=list(mc.cameras))
         self.dataset = WindowDataset(self.store, episodes=train_eps, **win)
         self.val_dataset = WindowDataset(self.store, episodes=val_eps, **win) if val_eps else None
+        # Corrupt chunks met while training: skip their episodes (counted) or stop with a checkpoint.
+        self.train_data = guard.GuardedWindows(self.dataset if self.store.in_memory else chunk_loader.cached_windows(
+            self.dataset, chunk_loader.cache_capacity(4, 8, len(self.dataset.cameras))),
+            guard.on_corrupt_mode(dcfg.get("on_corrupt")))
+        self.val_data = guard.GuardedWindows(self.val_dataset, self.train_data.mode) if val_eps else None
+        self.skipped: dict[int, str] = {}
         global_batch = self.batch_size * info.world_size
         if len(self.dataset) == 0:
             raise ValueError(f"dataset {dcfg.path}: no training windows in episodes {train_eps[:5]}...")
@@ -139,8 +146,7 @@ class Trainer:
         self.step = 0
         self.saved_step = -1
         self.data_pos = DataPosition()
-        self.sampler = ResumableBatchSampler(len(self.dataset), self.batch_size, info.world_size, info.rank, self.seed,
-                                             weights=sample_weights(dcfg, self.dataset))
+        self.sampler = self._make_sampler("random" if self.store.in_memory else "chunked")
         if self.resume_dir is not None:
             self._load_resume_state()
 
@@ -148,6 +154,8 @@ class Trainer:
 
     def _load_resume_state(self) -> None:
         d = self.resume_dir
+        if self.info.is_main:
+            ckpt.clean_stale_temp(d.parent)  # temp folders of the killed run's last write
         st = ckpt.load_trainer_state(d)
         step, data = int(st["step"]), st["data"]
         check_resume_state(st, str(d), total_steps=self.total_steps, stop_at=self.stop_at,
@@ -167,9 +175,23 @@ class Trainer:
             raise ValueError(f"resume {d}: the checkpoint does not load into this model: {e}") from None
         self.step = self.saved_step = step  # that checkpoint exists
         self.data_pos = DataPosition(int(data["epoch"]), int(data["position"]))
+        if data.get("order", "random") != self.order:  # continue in the checkpoint's data order
+            self.sampler = self._make_sampler(data.get("order", "random"))
         self.sampler.start = dataclasses.replace(self.data_pos)
         rs = st["rng"]
         set_rng_state(rs[self.info.rank] if len(rs) > self.info.rank else rs[0])
+
+    def _make_sampler(self, order: str) -> ResumableBatchSampler:
+        """The data order: a permutation of all windows ("random"), or chunk-local for a store on disk."""
+        args = (self.batch_size, self.info.world_size, self.info.rank, self.seed)
+        self.order = order
+        weights = sample_weights(self.cfg.dataset, self.dataset)
+        if order == "chunked":
+            if weights is not None:
+                raise ValueError("dataset.balance=task needs the in-memory loader (dataset.in_memory=true); "
+                                 "the disk loader reads chunk by chunk")
+            return chunk_loader.disk_sampler(self.dataset, chunk_loader.ChunkCache(self.store, 0), *args)
+        return ResumableBatchSampler(len(self.dataset), *args, weights=weights)
 
     def _optimizer_format(self) -> str:
         return "fqn" if self.strategy == "fsdp" else "torch"
@@ -177,6 +199,7 @@ class Trainer:
     def save(self, run_dir: Path) -> Path | None:
         """Write a checkpoint (collective under FSDP; rank 0 writes). Returns the step folder on rank 0."""
         live = dist_utils.full_state_dict(self.model, self.info)
+        guard.check_state_finite(live, "the live weights", self.step)  # a NaN checkpoint is never written
         ema_sd = None
         if self.ema is not None:
             with self.ema.swapped_into(self.model):
@@ -200,7 +223,8 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema is not None else {},
                 "rng": rngs,
                 "data": {"epoch": self.data_pos.epoch, "position": self.data_pos.position,
-                         "num_samples": len(self.dataset), "world_size": self.info.world_size, "seed": self.seed},
+                         "num_samples": len(self.dataset), "world_size": self.info.world_size, "seed": self.seed,
+                         "order": self.order},
             }
             out = ckpt.save_checkpoint(
                 run_dir / "checkpoints", self.step,
@@ -252,8 +276,7 @@ class Trainer:
         with self._autocast():
             losses = self.model(batch)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()} ({_fmt_losses(losses)})")
+        guard.check_finite(step, "the loss", loss, raw, _fmt_losses(losses))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = float(self.tcfg.grad_clip or 0.0)
@@ -261,6 +284,7 @@ class Trainer:
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
             gnorm = gnorm.full_tensor()
+        guard.check_finite(step, "the gradient norm", gnorm, raw)  # before the step: weights stay finite
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -287,7 +311,7 @@ class Trainer:
         model = self.model
         model.eval()
         for b in range(nb):
-            raw = collate_windows(self.val_dataset.__getitems__(idx[b * bs : (b + 1) * bs]))
+            raw = collate_windows(self.val_data.__getitems__(idx[b * bs : (b + 1) * bs]))
             batch = self.processor.training_batch(raw, self.device)
             torch.manual_seed(mix_seed(self.seed, 0x7A1, b))  # the same flow noise at every validation
             with self._autocast():
@@ -309,7 +333,8 @@ class Trainer:
         if nw > 0:
             kw = {"worker_init_fn": worker_init(self.seed, self.data_pos.epoch, self.info.rank),
                   "persistent_workers": False, "prefetch_factor": 4}
-        return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate_windows,
+        return DataLoader(self.train_data, batch_sampler=self.sampler, num_workers=nw,
+                          collate_fn=guard.collate_guarded,
                           pin_memory=self.device.type == "cuda", **kw)
 
     def run(self, run_dir: Path) -> Path:
@@ -321,7 +346,9 @@ class Trainer:
         n_params = sum(p.numel() for p in self.raw_model.parameters())
         log.line(f"start step={self.step} steps={self.total_steps} params={n_params} strategy={self.strategy} "
                  f"world_size={info.world_size} device={self.device} bf16={self.bf16} windows={len(self.dataset)} "
-                 f"resume={self.resume_dir}")
+                 f"resume={self.resume_dir} on_corrupt={self.train_data.mode}")
+        if getattr(self.store, "open_note", None):
+            log.line(self.store.open_note)
         bar = None
         if info.is_main and tcfg.get("progress", True):
             from tqdm import tqdm
@@ -341,7 +368,11 @@ class Trainer:
         try:
             while self.step < self.stop_at:
                 t0 = time.perf_counter()
-                raw = next(it)
+                try:
+                    raw = next(it)
+                except (guard.CorruptDataError, guard.StoreError) as e:
+                    self._stop_on_corrupt(run_dir, log, e)
+                guard.note_skipped(raw, self.skipped, self.step, log.line)
                 t_wait += time.perf_counter() - t0
                 if flops is None and not info.distributed:  # FLOPs of one inference chunk, for `vla report`
                     first = self.processor.training_batch(raw, self.device)
@@ -358,13 +389,17 @@ class Trainer:
                     m["lr"] = metrics["lr"]
                     m["samples_per_s"] = n_seen / max(elapsed, 1e-9)
                     m["data_wait_frac"] = t_wait / max(elapsed, 1e-9)
+                    m["skipped_episodes"] = len(self.skipped)
                     m["epoch"] = self.data_pos.epoch + self.data_pos.position / self.sampler.batches_per_epoch
                     log.log(self.step, m)
                     acc.reset()
                     n_seen, t_wait, t_side, t_start = 0, 0.0, 0.0, time.perf_counter()
                 t0 = time.perf_counter()
                 if self.val_dataset is not None and val_every and self.step % val_every == 0:
-                    log.log(self.step, dist_utils.all_reduce_mean(info, self.validation_loss()), prefix="val")
+                    try:
+                        log.log(self.step, dist_utils.all_reduce_mean(info, self.validation_loss()), prefix="val")
+                    except (guard.CorruptDataError, guard.StoreError) as e:
+                        self._stop_on_corrupt(run_dir, log, e)
                 if ckpt_every and self.step % ckpt_every == 0:
                     self._save_logged(run_dir, log)
                 if eval_every and self.step % eval_every == 0:
@@ -394,6 +429,12 @@ class Trainer:
         self.saved_step = self.step
         if path is not None:
             log.line(f"checkpoint step={self.step} path={path}")
+
+    def _stop_on_corrupt(self, run_dir: Path, log: MetricLog, e: Exception) -> None:
+        """Checkpoint the last completed step (the failed batch is not consumed) and stop, naming the data."""
+        if self.step > 0 and self.saved_step != self.step:
+            self._save_logged(run_dir, log)
+        guard.stop_on_corrupt(self.step, e, run_dir / "checkpoints", log.line)
 
     def _closed_loop_eval(self, run_dir: Path, log: MetricLog) -> None:
         """Closed-loop rollouts of this step's checkpoint (rank 0) through ``vla.evaluation``."""

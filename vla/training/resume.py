@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 RESUMABLE_CHANGES = ("trainer.steps", "trainer.stop_at", "trainer.log_every", "trainer.ckpt_every",
                      "trainer.keep_last", "trainer.num_workers", "trainer.num_threads", "trainer.progress",
                      "trainer.val_every", "trainer.val_batches", "dataset.path", "dataset.in_memory",
-                     "resume", "run_dir", "eval", "wandb", "device", "name", "output_root")
+                     "dataset.on_corrupt", "resume", "run_dir", "eval", "wandb", "device", "name", "output_root")
 
 
 def compare_model_configs(new: dict[str, Any], old: dict[str, Any], where: str, what: str) -> None:
