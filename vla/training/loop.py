@@ -35,7 +35,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vla import checkpoint as ckpt
-from vla.datasets import collate_windows
 from vla.evaluation.checkpoint import eval_schedule
 from vla.flops import chunk_flops
 from vla.training import chunk_loader, guard
@@ -44,9 +43,10 @@ from vla.training.augment import AugmentConfig, augment_images, draw_params
 from vla.training.data import build_model_config, open_store, select_episodes
 from vla.training.data_order import DataPosition, ResumableBatchSampler, mix_seed, sample_weights, worker_init
 from vla.training.ema import EMA
-from vla.training.metrics import MeanAccumulator, MetricLog, per_task_means, write_run_info
+from vla.training.metrics import MeanAccumulator, MetricLog, fmt_losses, jsonable, per_task_means, write_run_info
 from vla.training.optim import LossModule, build_optimizer, lr_at
 from vla.training.resume import check_checkpoints, check_resume_state, rng_state, set_rng_state
+from vla.training.validation import validation_losses
 
 # --------------------------------------------------------------------------------------------
 # The loop (data order, optimizer, data set-up, resume checks and logging live beside this file)
@@ -230,7 +230,7 @@ class Trainer:
                 run_dir / "checkpoints", self.step,
                 model_state={k[strip:]: v for k, v in live.items()},
                 ema_state={k[strip:]: v for k, v in ema_sd.items()} if ema_sd is not None else None,
-                config={"model": _jsonable(self.model_cfg_dict),
+                config={"model": jsonable(self.model_cfg_dict),
                         "train": OmegaConf.to_container(self.cfg, resolve=True)},
                 normalizer=self.normalizer.to_dict(),
                 tokenizer=self.tokenizer.to_dict(),
@@ -276,7 +276,7 @@ class Trainer:
         with self._autocast():
             losses = self.model(batch)
         loss = losses["loss"]
-        guard.check_finite(step, "the loss", loss, raw, _fmt_losses(losses))
+        guard.check_finite(step, "the loss", loss, raw, fmt_losses(losses))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = float(self.tcfg.grad_clip or 0.0)
@@ -298,29 +298,12 @@ class Trainer:
         out["lr"] = lr
         return out
 
-    @torch.no_grad()
     def validation_loss(self) -> dict[str, float]:
         """Mean losses on up to ``val_batches`` fixed batches of the held-out episodes (fixed noise)."""
         if self.val_dataset is None:
             return {}
-        n = len(self.val_dataset)
-        bs = min(self.batch_size, n)
-        nb = min(int(self.tcfg.get("val_batches", 4)), max(1, n // bs))
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: nb * bs].tolist()
-        sums: dict[str, float] = {}
-        model = self.model
-        model.eval()
-        for b in range(nb):
-            raw = collate_windows(self.val_data.__getitems__(idx[b * bs : (b + 1) * bs]))
-            batch = self.processor.training_batch(raw, self.device)
-            torch.manual_seed(mix_seed(self.seed, 0x7A1, b))  # the same flow noise at every validation
-            with self._autocast():
-                losses = model(batch)
-            for k, v in losses.items():
-                if torch.is_tensor(v) and v.ndim == 0:
-                    sums[k] = sums.get(k, 0.0) + float(v.float()) / nb
-        model.train()
-        return sums
+        return validation_losses(self.model, self.val_data, self.processor, self.device, self.batch_size,
+                                 int(self.tcfg.get("val_batches", 4)), self.seed, self._autocast)
 
     # -- run -----------------------------------------------------------------------------------
 
@@ -447,18 +430,6 @@ class Trainer:
             log.log(self.step, results, prefix="eval")
             log.line(f"eval step={self.step} results={out_dir / 'eval_info.json'}")
         dist_utils.barrier(self.info)
-
-
-def _fmt_losses(losses: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0)
-
-
-def _jsonable(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _jsonable(v) for k, v in d.items()}
-    if isinstance(d, tuple | list):
-        return [_jsonable(v) for v in d]
-    return d
 
 
 def train(cfg: DictConfig) -> Path:

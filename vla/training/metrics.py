@@ -6,8 +6,25 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+
+def fmt_losses(losses: dict[str, Any]) -> str:
+    """"loss=0.5, action_loss=0.4": the scalar losses of a batch, for error messages."""
+    import torch
+
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0)
+
+
+def jsonable(d: Any) -> Any:
+    """Tuples to lists, recursively (checkpoint config.json)."""
+    if isinstance(d, dict):
+        return {k: jsonable(v) for k, v in d.items()}
+    if isinstance(d, tuple | list):
+        return [jsonable(v) for v in d]
+    return d
 
 
 def write_run_info(run_dir: Path, **facts) -> None:
