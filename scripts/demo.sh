@@ -32,7 +32,7 @@ rm -rf "$OUT/demos.zarr" "$OUT/train" "$OUT/eval"
 echo "== 1/3 collect: $EPISODES scripted demonstrations per family of [$FAMILIES] ($IMAGE px front + wrist cameras)"
 vla collect env=tabletop "tasks=[$FAMILIES]" episodes="$EPISODES" workers=2 image_size="$IMAGE" \
   "cameras=[front,wrist]" out="$OUT/demos.zarr" progress=false
-vla dataset info "$OUT/demos.zarr" | head -12
+vla dataset info "$OUT/demos.zarr"
 
 echo "== 2/3 train: one tiny VLA for every family, $STEPS steps on the CPU"
 # shellcheck disable=SC2086

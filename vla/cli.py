@@ -82,6 +82,8 @@ def _dispatch(argv: list[str]) -> int:
             raise
         print(f"vla {name}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # output piped into `head`: handled quietly by `main`
     except Exception:
         if os.environ.get("VLA_DEBUG"):
             raise
