@@ -73,14 +73,9 @@ class WordPieceTokenizer:
 
     def batch_encode(self, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids i64[B, L] and mask bool[B, L], L = longest (<= max_len)."""
-        rows = [self.encode(t, max_len) for t in texts]
-        length = max([1] + [len(r) for r in rows])
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # (B, L)
-        mask = torch.zeros((len(rows), length), dtype=torch.bool)  # (B, L)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[b, : len(r)] = True
-        return ids, mask
+        from vla.tokenizer import pad_rows
+
+        return pad_rows([self.encode(t, max_len) for t in texts], self.pad_id)
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):

@@ -23,6 +23,17 @@ import torch
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<plan>", "<sep>")
 
 
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids i64[B, L] and mask bool[B, L] of token rows, L = the longest row (at least 1)."""
+    length = max([1] + [len(r) for r in rows])
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((len(rows), length), dtype=torch.bool)  # (B, L)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[b, : len(r)] = True
+    return ids, mask
+
 class ByteTokenizer:
     """UTF-8 bytes + special tokens + ``action_bins`` discrete action tokens."""
 
@@ -72,13 +83,7 @@ class ByteTokenizer:
         for text in texts:
             head = [] if first is None else [first]
             rows.append(head + self.encode(text, max_len=max_len - len(head), bos=bos, eos=eos))
-        length = max(1, max(len(r) for r in rows)) if rows else 1
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # (B, L)
-        mask = torch.zeros((len(rows), length), dtype=torch.bool)  # (B, L)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[b, : len(r)] = True
-        return ids, mask
+        return pad_rows(rows, self.pad_id)
 
     # -- discrete actions -------------------------------------------------------------------
     def actions_to_tokens(self, actions: torch.Tensor) -> torch.Tensor:
@@ -227,13 +232,7 @@ class PlanVocab:
         """Right-padded ids i64[B, L] and mask bool[B, L] of <plan> words <eos>, L = longest (<= max_len)."""
         copyable = [None] * len(plans) if copyable is None else copyable
         rows = [self.encode(p, s, max_len, c) for p, s, c in zip(plans, instructions, copyable, strict=True)]
-        length = max([1] + [len(r) for r in rows])
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # (B, L)
-        mask = torch.zeros((len(rows), length), dtype=torch.bool)  # (B, L)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[b, : len(r)] = True
-        return ids, mask
+        return pad_rows(rows, self.pad_id)
 
     def length(self, plan: str) -> int:
         """Tokens of ``plan`` in the plan block, <plan> and <eos> included (copies and words count alike)."""
