@@ -15,7 +15,7 @@ Two faults stop a long run hours in unless they are met here:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -152,10 +152,13 @@ def batch_episodes(raw: dict[str, Any]) -> list[int]:
     return sorted({int(e) for e in ep.tolist()}) if torch.is_tensor(ep) else []
 
 
-def check_finite(step: int, what: str, value: torch.Tensor, raw: dict[str, Any], detail: str = "") -> None:
-    """Raise ``NonFiniteError`` naming the step, ``what`` and the batch's episodes if ``value`` is NaN/inf."""
+def check_finite(step: int, what: str, value: torch.Tensor, raw: dict[str, Any],
+                 detail: str | Callable[[], str] = "") -> None:
+    """Raise ``NonFiniteError`` naming the step, ``what`` and the batch's episodes if ``value`` is NaN/inf.
+    ``detail`` may be a callable, so the message is only built when it is needed."""
     if bool(torch.isfinite(value).all()):
         return
+    detail = detail() if callable(detail) else detail
     v = value.detach().float()
     shown = f"{float(v)}" if v.numel() == 1 else "non-finite"
     raise NonFiniteError(

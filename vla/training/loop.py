@@ -276,7 +276,7 @@ class Trainer:
         with self._autocast():
             losses = self.model(batch)
         loss = losses["loss"]
-        guard.check_finite(step, "the loss", loss, raw, fmt_losses(losses))
+        guard.check_finite(step, "the loss", loss, raw, lambda: fmt_losses(losses))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = float(self.tcfg.grad_clip or 0.0)

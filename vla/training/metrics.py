@@ -15,7 +15,7 @@ def fmt_losses(losses: dict[str, Any]) -> str:
     """"loss=0.5, action_loss=0.4": the scalar losses of a batch, for error messages."""
     import torch
 
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0)
+    return ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0)
 
 
 def jsonable(d: Any) -> Any:
