@@ -231,12 +231,7 @@ class ProcessPool:
         proc, conn = self._procs[i], self._conns[i]
         if proc is None:
             return
-        proc.join(timeout=1.0)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(timeout=1.0)
-        with contextlib.suppress(Exception):
-            conn.close()
+        _stop(proc, conn, timeout=1.0)
         self._waiting.pop(conn, None)
         self.lost.append((i, proc.exitcode))
         self._procs[i], self._conns[i] = None, None
@@ -277,12 +272,7 @@ class ProcessPool:
         for i, proc in enumerate(self._procs):
             if proc is None:
                 continue
-            proc.join(timeout=2.0)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=2.0)
-            with contextlib.suppress(Exception):
-                self._conns[i].close()
+            _stop(proc, self._conns[i], timeout=2.0)
             self._procs[i], self._conns[i] = None, None
 
     def __enter__(self) -> ProcessPool:
@@ -295,3 +285,13 @@ class ProcessPool:
 def make_pool(family: str, n: int, env_kwargs: dict[str, Any] | None = None, workers: bool = True):
     """A :class:`ProcessPool` of ``n`` workers, or an :class:`InProcessPool` when ``workers`` is False."""
     return ProcessPool(family, n, env_kwargs) if workers else InProcessPool(family, n, env_kwargs)
+
+
+def _stop(proc, conn, timeout: float) -> None:
+    """Wait up to ``timeout`` for a worker to exit, terminate it if it has not, and close its pipe."""
+    proc.join(timeout=timeout)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout=timeout)
+    with contextlib.suppress(Exception):
+        conn.close()

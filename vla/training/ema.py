@@ -36,7 +36,9 @@ class EMA:
 
     @staticmethod
     def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from model.named_parameters()
+        # Frozen parameters (e.g. the pretrained text encoder) never change, so their average is
+        # themselves: they are left out rather than averaged every step.
+        yield from ((n, p) for n, p in model.named_parameters() if p.requires_grad)
         yield from model.named_buffers()
 
     def current_decay(self) -> float:
