@@ -161,6 +161,20 @@ def _train_reference(tmp: Path) -> tuple[Path, dict]:
     return store, {n: ckpt.load_tensors(step_dir / n) for n in ("model.safetensors", "ema.safetensors")}
 
 
+def _last_logged_step(run: Path) -> int:
+    """The last step `vla train` logged to metrics.jsonl (0 before the first)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue  # a line being written
+    return 0
+
+
 def train_kill_trial(tmp: Path, rng: np.random.Generator, reference: tuple[Path, dict]) -> dict:
     """SIGKILL `vla train` at a random time after its first checkpoint, resume it to the end, and
     compare the final live and EMA weights with the uninterrupted run's."""
@@ -173,14 +187,16 @@ def train_kill_trial(tmp: Path, rng: np.random.Generator, reference: tuple[Path,
     proc = subprocess.Popen(_train_cmd(store, run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     finished_first = False
     try:
+        # Kill at a random step well before the end: a random wall-clock delay let a fast (idle)
+        # machine finish all steps before the kill, and then nothing was left to resume.
+        target = int(rng.integers(1, TRAIN_STEPS - 15))
         deadline = time.monotonic() + 300
-        while not (run / "checkpoints" / "last").exists():
+        while _last_logged_step(run) < target:
             if proc.poll() is not None:
                 raise AssertionError(f"train exited early: {proc.stderr.read().decode()[-2000:]}")
             if time.monotonic() > deadline:
-                raise AssertionError("train wrote no checkpoint in 300 s")
-            time.sleep(0.02)
-        time.sleep(float(rng.uniform(0.0, 3.0)))
+                raise AssertionError(f"train did not reach step {target} in 300 s")
+            time.sleep(0.005)
         finished_first = proc.poll() is not None
     finally:
         proc.send_signal(signal.SIGKILL)
