@@ -121,11 +121,29 @@ def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.T
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, N, hd) by the angles of `rope_angles`."""
+    """Rotate x (B, H, N, hd) by the angles of `rope_angles` (the reference form; see `rope_tables`)."""
     half = x.shape[-1] // 2
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, H, N, hd)
+
+
+def rope_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width tables for `rope_fast`: cos|cos and -sin|sin, each (B, 1, N, hd)."""
+    cos, sin = rope_angles(pos, head_dim, theta)  # (B, 1, N, hd/2) x2
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+
+
+def rope_fast(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """`rope` in 4 kernels instead of 9: ``x * cos2 + roll(x, hd/2) * sin2`` with `rope_tables`.
+
+    Bit-identical to `rope` (first half: x1*cos + x2*(-sin) == x1*cos - x2*sin exactly in IEEE
+    arithmetic; second half: the same products in the same order). ``x`` may carry extra leading
+    dims (q and k rotated in one call: (2, B, H, N, hd)).
+    """
+    if cos2.dtype != x.dtype:
+        cos2, sin2 = cos2.to(x.dtype), sin2.to(x.dtype)
+    return x * cos2 + x.roll(x.shape[-1] // 2, -1) * sin2
 
 
 class ConvStem(nn.Module):
@@ -193,16 +211,75 @@ class Segment:
     cond: torch.Tensor | None = None  # (B, width) flow-time conditioning; None = none (zeros)
 
 
+class _KVStore:
+    """Preallocated per-layer key/value buffers (B, H, capacity, hd), shared by the `KVCache` views
+    that extend each other; ``filled`` is the longest prefix some cache owns (see `VLA._run`)."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], filled: int) -> None:
+        self.k, self.v, self.filled = k, v, filled
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @classmethod
+    def allocate(cls, like: torch.Tensor, n_layers: int, capacity: int, keep: int = 0,
+                 src: _KVStore | None = None) -> _KVStore:
+        """Buffers shaped like ``like`` (B, H, *, hd) for ``capacity`` tokens; ``src``'s first ``keep`` copied."""
+        b, h, _, hd = like.shape
+        k = [like.new_empty(b, h, capacity, hd) for _ in range(n_layers)]
+        v = [like.new_empty(b, h, capacity, hd) for _ in range(n_layers)]
+        if src is not None and keep:
+            for dst, old in zip(k + v, src.k + src.v):
+                dst[:, :, :keep] = old[:, :, :keep]
+        return cls(k, v, keep)
+
+
 @dataclass
 class KVCache:
-    """Per-layer keys/values (B, H, Nc, hd) of tokens already run, plus their mask metadata."""
+    """Keys/values of the ``n`` tokens already run (the first ``n`` slots of ``store``'s per-layer
+    buffers), plus their mask metadata. Running more tokens against it writes them after slot ``n``
+    in place (no copy of the cache); a cache extended with ``keep_kv`` shares the buffers."""
 
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
+    store: _KVStore
+    n: int
     block: torch.Tensor  # (Nc,)
     causal: torch.Tensor  # (Nc,)
     valid: torch.Tensor  # (B, Nc)
     is_vlm: torch.Tensor  # (Nc,)
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        """Per-layer keys (B, H, Nc, hd)."""
+        return [t[:, :, : self.n] for t in self.store.k]
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        return [t[:, :, : self.n] for t in self.store.v]
+
+
+@dataclass
+class _Layout:
+    """What `VLA._run` derives from the token layout alone (block ids, causal and valid flags): the
+    attention mask, the rotary tables and the key metadata. It depends on no activation, so a block
+    run many times against the same cache (the Euler steps of `VLA.sample`) builds it once."""
+
+    sizes: list[int]  # tokens per segment
+    mask: torch.Tensor | None  # (B, 1, N, Nk) additive float (0 / -inf), or None: every key visible
+    cos: torch.Tensor  # (B, 1, N, hd) `rope_tables`
+    sin: torch.Tensor
+    is_vlm: torch.Tensor  # (N,) queries routed to the vlm expert
+    block: torch.Tensor  # (Nk,) keys: cache + these tokens
+    causal: torch.Tensor  # (Nk,)
+    valid: torch.Tensor  # (B, Nk)
+    k_is_vlm: torch.Tensor  # (Nk,)
+
+    def mask_as(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask in the queries' dtype (bf16 autocast), converted once per layout."""
+        if self.mask is None or self.mask.dtype == dtype:
+            return self.mask
+        self.mask = self.mask.to(dtype)
+        return self.mask
 
 
 class _Clock:
@@ -222,6 +299,71 @@ class _Clock:
         t = self.now()
         self.timings[name] = self.timings.get(name, 0.0) + t - self.last
         self.last = t
+
+
+class _TokenStepper:
+    """Greedy decoding's model calls: one vlm token at a time after a KV cache, without `_run`'s
+    per-call layout. Valid for a causal block that sees every cached token (plan, discrete actions):
+    a token then sees the valid keys before it and itself, and its rotary position is the count of
+    valid tokens before it, so the mask is one running row of key biases and the positions a
+    running count (both exactly what `make_attn_mask` / `token_positions` give). Keys and values go
+    into the cache's buffers in place; `cache` returns the extended cache.
+    """
+
+    def __init__(self, model: VLA, cache: KVCache, block: int, max_len: int) -> None:
+        cfg = model.cfg
+        self.model, self.block, self.base, self.n = model, block, cache.n, 0
+        self.old = cache
+        store = cache.store
+        if store.filled > cache.n or cache.n + max_len > store.capacity:
+            store = _KVStore.allocate(store.k[0], cfg.n_layers, cache.n + max_len, cache.n, store)
+        self.store = store
+        dev = cache.valid.device
+        self.cos, self.sin = rope_tables(torch.arange(cache.n + max_len, device=dev)[None], cfg.head_dim,
+                                         cfg.rope_theta)  # (1, 1, P, hd): position -> table row
+        self.pos = cache.valid.sum(1)  # (B,) valid tokens so far = the next token's position
+        self.bias = torch.zeros(cache.valid.shape[0], 1, 1, cache.n + max_len, device=dev)  # key biases
+        self.bias[:, 0, 0, : cache.n].masked_fill_(~cache.valid, float("-inf"))
+        self.masked = not bool(cache.valid.all())  # False: every key so far is valid, attend unmasked
+        self.valid: list[torch.Tensor] = []
+
+    def run(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Run one token per sample, embeddings x (B, 1, D) and valid (B,); returns its final-normed output (B, D)."""
+        cfg, e = self.model.cfg, self.model.expert("vlm")
+        b, nh, hd, d = x.shape[0], cfg.n_heads, cfg.head_dim, e.width
+        col = self.base + self.n
+        cos, sin = self.cos[0, 0][self.pos][:, None, None], self.sin[0, 0][self.pos][:, None, None]  # (B,1,1,hd)
+        mask = self.bias[..., : col + 1] if self.masked else None  # the token always sees itself (bias 0)
+        x = x.float()
+        for li, layer in enumerate(e.layers):
+            h = F.rms_norm(x, (d,), layer.attn_norm.weight, eps=1e-6)
+            qkv = F.linear(h, layer.qkv.weight).view(b, 1, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, 1, hd)
+            qk = rope_fast(qkv[:2], cos, sin)
+            self.store.k[li][:, :, col:col + 1] = qk[1]
+            self.store.v[li][:, :, col:col + 1] = qkv[2]
+            k, v = self.store.k[li][:, :, : col + 1], self.store.v[li][:, :, : col + 1]
+            att = F.scaled_dot_product_attention(qk[0], k, v, attn_mask=None if mask is None else mask.to(qk.dtype))
+            x = x + F.linear(att.transpose(1, 2).reshape(b, 1, nh * hd), layer.out.weight)
+            h = F.rms_norm(x, (d,), layer.mlp_norm.weight, eps=1e-6)
+            x = x + F.linear(F.gelu(F.linear(h, layer.mlp[0].weight), approximate="tanh"), layer.mlp[2].weight)
+        if not bool(valid.all()):  # padding (a finished plan): later tokens must not see it
+            self.bias[:, 0, 0, col].masked_fill_(~valid, float("-inf"))
+            self.masked = True
+        self.pos = self.pos + valid
+        self.valid.append(valid)
+        self.n += 1
+        return F.rms_norm(x, (d,), e.final_norm.weight, eps=1e-6)[:, -1]
+
+    def cache(self) -> KVCache:
+        """The cache extended by every token run so far (its metadata as `_run` would have built it)."""
+        old, n, dev = self.old, self.n, self.old.valid.device
+        if not n:
+            return old
+        self.store.filled = self.base + n
+        return KVCache(self.store, self.base + n, torch.cat([old.block, torch.full((n,), self.block, device=dev)]),
+                       torch.cat([old.causal, torch.ones(n, dtype=torch.bool, device=dev)]),
+                       torch.cat([old.valid, torch.stack(self.valid, 1)], 1),
+                       torch.cat([old.is_vlm, torch.ones(n, dtype=torch.bool, device=dev)]))
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -452,12 +594,14 @@ class VLA(nn.Module):
         return Segment("frame", x, FRAME, False, ones, self.frame["time"](t))
 
     # ------------------------------------------------------------------------------- transformer
-    def _run(self, segs: list[Segment], cache: KVCache | None = None,
-             keep_kv: bool = False) -> tuple[list[torch.Tensor], KVCache | None]:
-        """Run segments (optionally after cached tokens) through all layers; outputs per segment, final-normed."""
+    def _layout(self, segs: list[Segment], cache: KVCache | None = None, drop_full_mask: bool = False) -> _Layout:
+        """Mask, rotary tables and key metadata of ``segs`` run after ``cache`` (see `_Layout`).
+
+        ``drop_full_mask``: when every query may see every key (one sample without padding), the
+        mask becomes None and attention runs unmasked (inference; costs one host sync to decide).
+        """
         cfg = self.cfg
         dev = segs[0].x.device
-        b = segs[0].x.shape[0]
         sizes = [s.x.shape[1] for s in segs]
         block = torch.cat([torch.full((n,), s.block, device=dev) for s, n in zip(segs, sizes)])  # (N,)
         causal = torch.cat([torch.full((n,), s.causal, device=dev) for s, n in zip(segs, sizes)])  # (N,)
@@ -468,9 +612,28 @@ class VLA(nn.Module):
             valid_all, k_is_vlm = torch.cat([cache.valid, valid], 1), torch.cat([cache.is_vlm, is_vlm])
         else:
             valid_all, k_is_vlm = valid, is_vlm
-        mask = make_attn_mask(block, causal, valid_all, self.sees, num_queries=valid.shape[1])[:, None]  # (B,1,N,Nk)
+        allowed = make_attn_mask(block, causal, valid_all, self.sees, num_queries=valid.shape[1])[:, None]  # (B,1,N,Nk)
+        if drop_full_mask and bool(allowed.all()):
+            mask = None
+        else:  # what scaled_dot_product_attention would make of the bool mask at every call, made once
+            mask = torch.zeros(allowed.shape, device=dev).masked_fill_(~allowed, float("-inf"))
         pos = token_positions(block, valid_all, self.sees, num_queries=valid.shape[1])  # (B, N)
-        cos, sin = rope_angles(pos, cfg.head_dim, cfg.rope_theta)  # (B, 1, N, hd/2) x2
+        cos, sin = rope_tables(pos, cfg.head_dim, cfg.rope_theta)  # (B, 1, N, hd) x2
+        return _Layout(sizes, mask, cos, sin, is_vlm, block, causal, valid_all, k_is_vlm)
+
+    def _run(self, segs: list[Segment], cache: KVCache | None = None, keep_kv: bool = False,
+             layout: _Layout | None = None, reserve: int = 0) -> tuple[list[torch.Tensor], KVCache | None]:
+        """Run segments (optionally after cached tokens) through all layers; outputs per segment, final-normed.
+
+        ``keep_kv``: also return the cache extended by these tokens (sharing ``cache``'s buffers; a new
+        cache gets room for ``reserve`` more tokens). Without it, keys and values of these tokens are
+        written after the cache's last token as scratch and the cache is unchanged.
+        ``layout``: `_layout` of the same segment shapes and cache, when the caller already has it.
+        """
+        cfg = self.cfg
+        b = segs[0].x.shape[0]
+        lay = layout if layout is not None else self._layout(segs, cache)
+        sizes = lay.sizes
         groups: list[tuple[Expert, list[int]]] = []  # consecutive segments that share an expert
         for i, s in enumerate(segs):
             e = self.expert(s.expert)
@@ -480,9 +643,10 @@ class VLA(nn.Module):
                 groups.append((e, [i]))
         xs, conds = [], []
         for e, idx in groups:
-            xs.append(torch.cat([segs[i].x.float() if segs[i].cond is None or e.adaptive  # fp32 residual stream
-                                 else segs[i].x.float() + segs[i].cond[:, None]  # dense: time joins the tokens
-                                 for i in idx], 1))  # (B, n_g, W)
+            parts = [segs[i].x.float() if segs[i].cond is None or e.adaptive  # fp32 residual stream
+                     else segs[i].x.float() + segs[i].cond[:, None]  # dense: time joins the tokens
+                     for i in idx]
+            xs.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))  # (B, n_g, W)
             if e.adaptive:
                 conds.append(torch.cat([(segs[i].cond[:, None] if segs[i].cond is not None
                                          else segs[i].x.new_zeros(b, 1, e.width)).expand(-1, sizes[i], -1)
@@ -490,22 +654,30 @@ class VLA(nn.Module):
             else:
                 conds.append(None)
         nh, hd = cfg.n_heads, cfg.head_dim
-        new_k, new_v = [], []
+        n_new = sum(sizes)
+        base = cache.n if cache is not None else 0
+        store = cache.store if cache is not None else None
+        if store is not None and (store.filled > base or base + n_new > store.capacity):
+            # another cache already extends these buffers past `base`, or they are full: copy ours out
+            store = _KVStore.allocate(store.k[0], cfg.n_layers, base + n_new + reserve, base, store)
         for li in range(cfg.n_layers):
             qkv, gates = [], []
             for (e, _), x, c in zip(groups, xs, conds):
                 h, g = e.layers[li].attn_norm(x, c)
                 qkv.append(e.layers[li].qkv(h).view(b, x.shape[1], 3, nh, hd))  # (B, n_g, 3, H, hd)
                 gates.append(g)
-            q, k, v = torch.cat(qkv, 1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
-            if cache is not None:
-                k, v = torch.cat([cache.k[li], k], 2), torch.cat([cache.v[li], v], 2)  # (B, H, Nk, hd)
-            if keep_kv:
-                new_k.append(k)
-                new_v.append(v)
-            att = self._attend(q, k, v, mask, is_vlm, k_is_vlm)  # (B, H, N, hd)
-            att = att.transpose(1, 2).reshape(b, -1, nh * hd).split([x.shape[1] for x in xs], 1)  # per group
+            qkv = (qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+            qk = rope_fast(qkv[:2], lay.cos, lay.sin)  # q and k rotated together: (2, B, H, N, hd)
+            q, k, v = qk[0], qk[1], qkv[2]
+            if store is None and (keep_kv or cache is not None):
+                store = _KVStore.allocate(k, cfg.n_layers, n_new + reserve)
+            if store is not None:  # write these tokens after the cached ones, attend over both
+                store.k[li][:, :, base:base + n_new] = k
+                store.v[li][:, :, base:base + n_new] = v
+                k, v = store.k[li][:, :, :base + n_new], store.v[li][:, :, :base + n_new]  # (B, H, Nk, hd)
+            att = self._attend(q, k, v, lay.mask_as(q.dtype), lay.is_vlm, lay.k_is_vlm)  # (B, H, N, hd)
+            att = att.transpose(1, 2).reshape(b, -1, nh * hd)
+            att = [att] if len(xs) == 1 else att.split([x.shape[1] for x in xs], 1)  # per group
             for j, ((e, _), a) in enumerate(zip(groups, att)):
                 layer = e.layers[li]
                 o = layer.out(a)  # (B, n_g, W)
@@ -515,8 +687,12 @@ class VLA(nn.Module):
                 xs[j] = xs[j] + (o if g is None else g * o)
         outs = []
         for (e, idx), x in zip(groups, xs):
-            outs.extend(e.final_norm(x)[0].split([sizes[i] for i in idx], 1))
-        new_cache = KVCache(new_k, new_v, block, causal, valid_all, k_is_vlm) if keep_kv else None
+            x = e.final_norm(x)[0]
+            outs.extend([x] if len(idx) == 1 else x.split([sizes[i] for i in idx], 1))
+        new_cache = None
+        if keep_kv:
+            store.filled = base + n_new
+            new_cache = KVCache(store, base + n_new, lay.block, lay.causal, lay.valid, lay.k_is_vlm)
         return outs, new_cache
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -603,7 +779,7 @@ class VLA(nn.Module):
         return losses
 
     # ------------------------------------------------------------------------------- inference
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(self, batch: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None, decode_plan: bool = True,
                use_cache: bool = True, num_steps: int | None = None,
                frame_noise: torch.Tensor | None = None, timings: dict[str, float] | None = None) -> dict[str, Any]:
@@ -611,53 +787,221 @@ class VLA(nn.Module):
 
         A plan given in the batch (``plan_tokens``/``plan_mask``, e.g. a known plan) is used as is;
         otherwise, with the planner on, it is decoded greedily when ``decode_plan``.
-        ``use_cache=False`` recomputes the whole sequence at every step (same results; for tests).
-        ``timings`` (a dict) receives the seconds spent in "prefix_s", "plan_s", "actions_s", "frame_s".
+        ``use_cache=False`` recomputes the whole sequence at every step (same results; the reference
+        for tests). With the cache, everything known before the Euler steps (prefix, a given plan,
+        state) runs in one call, and the steps reuse one attention mask, one set of rotary tables and
+        the flow-time modulations of every step computed together (`_integrate`).
+        ``timings`` (a dict) receives the seconds spent in "prefix_s", "plan_s", "actions_s", "frame_s"
+        (with the cache and a given plan, the plan and state tokens run with the prefix: "prefix_s").
+        Runs under ``torch.inference_mode`` (cheaper per op than ``no_grad``): the returned tensors
+        are inference tensors (read them freely; clone before modifying them in place outside it).
         """
         check_batch(self.cfg, batch, training=False)
         clock = _Clock(timings, batch["images"].device)
+        if not use_cache:
+            return self._sample_uncached(batch, noise, decode_plan, num_steps, frame_noise, clock)
         cfg, tok = self.cfg, self.tok
         steps = num_steps or cfg.flow_steps
         b, dev = batch["images"].shape[0], batch["images"].device
-        ctx = [self.embed_prefix(batch)]  # segments run so far (uncached) ...
+        prefix = self.embed_prefix(batch)
         words = None
         if cfg.planner and self.plan_vocab is not None:
             n_img = cfg.num_views * (cfg.image_hw[0] // cfg.patch_size) * (cfg.image_hw[1] // cfg.patch_size)
-            words = self.instruction_words(batch, ctx[0].x[:, n_img:n_img + batch["instruction_tokens"].shape[1]])
-        cache = self._run(ctx, keep_kv=True)[1] if use_cache else None  # ... or their keys/values
-        clock.lap("prefix_s")
+            words = self.instruction_words(batch, prefix.x[:, n_img:n_img + batch["instruction_tokens"].shape[1]])
+        # room in the KV buffers for every token run after the prefix: plan, state, actions, frame
+        n_frame = (cfg.frame_size // cfg.patch_size) ** 2 if cfg.frame != "off" else 0
+        reserve = cfg.max_plan_tokens + 2 + max(cfg.horizon * cfg.action_dim + 1, cfg.horizon + n_frame)
+        pending, cache = [prefix], None  # segments not run yet: run together, in one call
         plan_tokens = None
         if cfg.planner:
             if "plan_tokens" in batch:
-                plan_tokens, plan_mask = batch["plan_tokens"], batch["plan_mask"]
-                seg = self.embed_plan(plan_tokens, plan_mask, words)
-                cache = self._run([seg], cache, keep_kv=True)[1] if use_cache else cache
-                ctx.append(seg)
+                plan_tokens = batch["plan_tokens"]
+                pending.append(self.embed_plan(plan_tokens, batch["plan_mask"], words))
             elif decode_plan:
-                plan_tokens, plan_mask, cache = self._decode(ctx, cache, PLAN, cfg.max_plan_tokens,
-                                                             self.plan_tok.plan_id, b, words=words)
-                ctx.append(self.embed_plan(plan_tokens, plan_mask, words))
+                cache, pending = self._run(pending, keep_kv=True, reserve=reserve)[1], []
+                clock.lap("prefix_s")
+                plan_tokens, _, cache = self._decode([prefix], cache, PLAN, cfg.max_plan_tokens,
+                                                     self.plan_tok.plan_id, b, words=words)
+                clock.lap("plan_s")
             else:
                 raise ValueError("VLA.sample: the planner is on but the batch has no 'plan_tokens' "
                                  "and decode_plan=False")
-        clock.lap("plan_s")
+        out = self._plan_output(batch, plan_tokens, b)
+        if cfg.action_head == "flow":
+            pending.append(self.embed_state(batch["state"]))
+        if pending:
+            cache = self._run(pending, cache, keep_kv=True, reserve=reserve)[1]
+            clock.lap("prefix_s")
+        if cfg.action_head == "discrete":
+            n = cfg.horizon * cfg.action_dim
+            ids, _, _ = self._decode([prefix], cache, ACTION, n + 1, tok.sep_id, b, keep_last=False)
+            out["actions"] = tok.tokens_to_actions(ids[:, 1:]).view(b, cfg.horizon, cfg.action_dim)
+            clock.lap("actions_s")
+        else:
+            ha = (cfg.horizon, cfg.action_dim)
+            noise = torch.randn(b, *ha, device=dev) if noise is None else noise
+            if noise.shape != (b, *ha):
+                raise ValueError(f"VLA.sample: noise must have shape {(b, *ha)}, got {tuple(noise.shape)}")
+            if cfg.frame == "condition":  # actions and frame share one flow time: integrated jointly
+                fnoise = self._frame_noise(frame_noise, b, dev)  # (B, P, 3pp)
+                out["actions"], frame = self._integrate(cache, {"action": noise, "frame": fnoise}, steps)
+                out["frame"] = self._frame_image(frame)
+            else:
+                (out["actions"],) = self._integrate(cache, {"action": noise}, steps)
+            clock.lap("actions_s")
+        if cfg.frame == "aux":  # the frame block never sees the actions: its own integration
+            (frame,) = self._integrate(cache, {"frame": self._frame_noise(frame_noise, b, dev)}, steps)
+            out["frame"] = self._frame_image(frame)
+        clock.lap("frame_s")
+        return out
+
+    def _plan_output(self, batch: Mapping[str, Any], plan_tokens: torch.Tensor | None, b: int) -> dict[str, Any]:
         out: dict[str, Any] = {"plan_tokens": plan_tokens, "frame": None, "plan_text": [""] * b}
         if plan_tokens is not None and self.plan_vocab is None:
-            out["plan_text"] = [tok.decode(r[1:]) for r in plan_tokens]
+            out["plan_text"] = [self.tok.decode(r[1:]) for r in plan_tokens]
         elif plan_tokens is not None:  # copies read the instruction's words
             texts = batch.get("instruction_text")
             if texts is None or len(texts) != b:
                 raise ValueError("VLA.sample: word plans need the batch's 'instruction_text' (a list of the "
                                  "B instruction strings) to spell copied words; build batches with vla.processor")
             out["plan_text"] = [self.plan_vocab.decode(r, s) for r, s in zip(plan_tokens, texts)]
+        return out
+
+    def _step_mods(self, expert: Expert, cond: torch.Tensor) -> list:
+        """One expert's adaptive-norm modulations for every Euler step, from one matmul.
+
+        ``cond`` (S, W) is the time conditioning of the S steps (one row per step: every sample of a
+        batch is at the same flow time). Returns per step a list over layers and norms (attention norm
+        of layer 0, MLP norm of layer 0, ...) of ``(scale1, shift, gate1)``, each (W,), with
+        scale1 = 1 + scale and gate1 = 1 + gate as `AdaRMSNorm.forward` makes them; per step None for a
+        plain (dense) expert.
+        """
+        steps = cond.shape[0]
+        if not expert.adaptive:
+            return [None] * steps
+        norms = [n for layer in expert.layers for n in (layer.attn_norm, layer.mlp_norm)]
+        mod = F.linear(cond, torch.cat([n.mod.weight for n in norms]), torch.cat([n.mod.bias for n in norms]))
+        mod = mod.view(steps, len(norms), 3, -1)  # (S, 2L, scale|shift|gate, W)
+        mod = torch.stack([1 + mod[:, :, 0], mod[:, :, 1], 1 + mod[:, :, 2]], 2)
+        return [[tuple(n.unbind(0)) for n in step.unbind(0)] for step in mod.unbind(0)]
+
+    def _integrate(self, cache: KVCache, noise: dict[str, torch.Tensor], steps: int) -> list[torch.Tensor]:
+        """Euler-integrate the action and/or frame block (keys of ``noise``: "action" (B, H, A), "frame"
+        (B, P, 3pp)) from t=1 to t=0 against the cached context; returns the blocks in that order.
+
+        The same steps as `vla.flow.euler_integrate` (times ``1 + i * dt``, ``x += dt * v``) through the
+        same layers as `_run`, called as functions rather than modules; what does not depend on x is
+        built once per call instead of once per step: the layout (mask, rotary tables), and the time
+        MLP and adaptive-norm modulations of all steps in one batch (`_step_mods`). Keys and values
+        of the block are written after the cache's last token (scratch; the cache is unchanged).
+        """
+        cfg = self.cfg
+        kinds = list(noise)
+        first = noise[kinds[0]]
+        b, dev = first.shape[0], first.device
+        dt = -1.0 / steps
+        t = torch.tensor([1.0 + i * dt for i in range(steps)], device=dev)  # (S,), as euler_integrate's
+        block = {"action": ACTION, "frame": FRAME}
+        # consecutive blocks of one expert run as one group (dense: action + frame share the vlm's)
+        groups: list[tuple[Expert, list[str]]] = []
+        for k in kinds:
+            e = self.expert(k)
+            if groups and groups[-1][0] is e:
+                groups[-1][1].append(k)
+            else:
+                groups.append((e, [k]))
+        conds = {k: getattr(self, k)["time"](t) for k in kinds}  # (S, W) per block
+        mods = [self._step_mods(e, conds[ks[0]]) for e, ks in groups]  # a group's blocks share t
+        ones = {k: torch.ones(noise[k].shape[:2], dtype=torch.bool, device=dev) for k in kinds}
+        segs = [Segment(k, noise[k].new_zeros(*noise[k].shape[:2], 1), block[k], False, ones[k]) for k in kinds]
+        lay = self._layout(segs, cache, drop_full_mask=True)
+        n_new, base, store = sum(lay.sizes), cache.n, cache.store
+        if store.filled > base or base + n_new > store.capacity:  # scratch room after the cache: copy it out
+            store = _KVStore.allocate(store.k[0], cfg.n_layers, base + n_new, base, store)
+        nh, hd = cfg.n_heads, cfg.head_dim
+        x = dict(noise)
+        for i in range(steps):
+            xs = []
+            for e, ks in groups:
+                parts = []
+                for k in ks:
+                    if k == "action":
+                        h = self.action["inp"](x[k])  # (B, H, Wa), as embed_actions
+                    else:
+                        h = self.frame["inp"](x[k]) + self.frame["pos"].weight[None]  # (B, P, Wf), as embed_frame
+                    parts.append(h if e.adaptive else h + conds[k][i])  # dense: time joins the tokens, as in _run
+                xs.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))  # (B, n_g, W)
+            for li in range(cfg.n_layers):
+                qkv = []
+                for (e, _), xg, m in zip(groups, xs, mods):
+                    layer = e.layers[li]
+                    if m[i] is None:
+                        h = F.rms_norm(xg, (e.width,), layer.attn_norm.weight, eps=1e-6)
+                    else:
+                        scale1, shift, _ = m[i][2 * li]
+                        h = torch.addcmul(shift, F.rms_norm(xg, (e.width,), eps=1e-6), scale1)
+                    qkv.append(F.linear(h, layer.qkv.weight).view(b, -1, 3, nh, hd))  # (B, n_g, 3, H, hd)
+                qkv = (qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+                qk = rope_fast(qkv[:2], lay.cos, lay.sin)
+                k_buf, v_buf = store.k[li], store.v[li]
+                k_buf[:, :, base:base + n_new] = qk[1]
+                v_buf[:, :, base:base + n_new] = qkv[2]
+                att = F.scaled_dot_product_attention(qk[0], k_buf[:, :, :base + n_new], v_buf[:, :, :base + n_new],
+                                                     attn_mask=lay.mask_as(qk.dtype))
+                att = att.transpose(1, 2).reshape(b, n_new, nh * hd)
+                att = [att] if len(xs) == 1 else att.split([xg.shape[1] for xg in xs], 1)
+                for j, ((e, _), a, m) in enumerate(zip(groups, att, mods)):
+                    layer = e.layers[li]
+                    o = F.linear(a, layer.out.weight)  # (B, n_g, W)
+                    if m[i] is None:
+                        xs[j] = xs[j] + o
+                        h = F.rms_norm(xs[j], (e.width,), layer.mlp_norm.weight, eps=1e-6)
+                    else:
+                        xs[j] = torch.addcmul(xs[j], o, m[i][2 * li][2])  # gated residual
+                        scale1, shift, _ = m[i][2 * li + 1]
+                        h = torch.addcmul(shift, F.rms_norm(xs[j], (e.width,), eps=1e-6), scale1)
+                    o = F.linear(F.gelu(F.linear(h, layer.mlp[0].weight), approximate="tanh"), layer.mlp[2].weight)
+                    xs[j] = xs[j] + o if m[i] is None else torch.addcmul(xs[j], o, m[i][2 * li + 1][2])
+            for (e, ks), xg in zip(groups, xs):
+                outs = F.rms_norm(xg, (e.width,), e.final_norm.weight, eps=1e-6)
+                outs = [outs] if len(ks) == 1 else outs.split([noise[k].shape[1] for k in ks], 1)
+                for k, o in zip(ks, outs):
+                    x[k] = x[k] + dt * getattr(self, k)["out"](o)
+        return [x[k] for k in kinds]
+
+    def _sample_uncached(self, batch: Mapping[str, torch.Tensor], noise: torch.Tensor | None, decode_plan: bool,
+                         num_steps: int | None, frame_noise: torch.Tensor | None, clock: _Clock) -> dict[str, Any]:
+        """`sample` without a KV cache: the whole sequence recomputed for every plan token and every
+        flow step, each step through the generic `vla.flow.euler_integrate` (the reference)."""
+        cfg, tok = self.cfg, self.tok
+        steps = num_steps or cfg.flow_steps
+        b, dev = batch["images"].shape[0], batch["images"].device
+        ctx = [self.embed_prefix(batch)]
+        words = None
+        if cfg.planner and self.plan_vocab is not None:
+            n_img = cfg.num_views * (cfg.image_hw[0] // cfg.patch_size) * (cfg.image_hw[1] // cfg.patch_size)
+            words = self.instruction_words(batch, ctx[0].x[:, n_img:n_img + batch["instruction_tokens"].shape[1]])
+        clock.lap("prefix_s")
+        plan_tokens = None
+        if cfg.planner:
+            if "plan_tokens" in batch:
+                plan_tokens, plan_mask = batch["plan_tokens"], batch["plan_mask"]
+                ctx.append(self.embed_plan(plan_tokens, plan_mask, words))
+            elif decode_plan:
+                plan_tokens, plan_mask, _ = self._decode(ctx, None, PLAN, cfg.max_plan_tokens,
+                                                         self.plan_tok.plan_id, b, words=words)
+                ctx.append(self.embed_plan(plan_tokens, plan_mask, words))
+            else:
+                raise ValueError("VLA.sample: the planner is on but the batch has no 'plan_tokens' "
+                                 "and decode_plan=False")
+        clock.lap("plan_s")
+        out = self._plan_output(batch, plan_tokens, b)
         if cfg.action_head == "discrete":
             n = cfg.horizon * cfg.action_dim
-            ids, _, _ = self._decode(ctx, cache, ACTION, n + 1, tok.sep_id, b, keep_last=False)
+            ids, _, _ = self._decode(ctx, None, ACTION, n + 1, tok.sep_id, b, keep_last=False)
             out["actions"] = tok.tokens_to_actions(ids[:, 1:]).view(b, cfg.horizon, cfg.action_dim)
         else:
-            state = self.embed_state(batch["state"])
-            cache = self._run([state], cache, keep_kv=True)[1] if use_cache else cache
-            ctx.append(state)
+            ctx.append(self.embed_state(batch["state"]))
             ha = (cfg.horizon, cfg.action_dim)
             noise = torch.randn(b, *ha, device=dev) if noise is None else noise
             if noise.shape != (b, *ha):
@@ -672,7 +1016,7 @@ class VLA(nn.Module):
                 segs = [self.embed_actions(x[:, : ha[0] * ha[1]].view(b, *ha), t)]
                 if joint:
                     segs.append(self.embed_frame(x[:, ha[0] * ha[1]:].view(fshape), t))
-                o = self._run(segs, cache)[0] if use_cache else self._run(ctx + segs)[0][len(ctx):]
+                o = self._run(ctx + segs)[0][len(ctx):]
                 v = self.action["out"](o[0]).reshape(b, -1)  # (B, H*A)
                 return torch.cat([v, self.frame["out"](o[1]).reshape(b, -1)], 1) if joint else v.view(b, *ha)
 
@@ -686,8 +1030,7 @@ class VLA(nn.Module):
 
             def frame_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 seg = [self.embed_frame(x, t)]
-                o = self._run(seg, cache)[0] if use_cache else self._run(ctx + seg)[0][len(ctx):]
-                return self.frame["out"](o[0])  # (B, P, 3pp)
+                return self.frame["out"](self._run(ctx + seg)[0][len(ctx):][0])  # (B, P, 3pp)
 
             out["frame"] = self._frame_image(euler_integrate(frame_velocity, fnoise, steps))
         clock.lap("frame_s")
@@ -734,12 +1077,15 @@ class VLA(nn.Module):
         ids = [torch.full((b, 1), first, dtype=torch.long, device=dev)]
         valid = [torch.ones(b, 1, dtype=torch.bool, device=dev)]
         done = torch.zeros(b, dtype=torch.bool, device=dev)
+        stepper = self._token_stepper(cache, block, max_len) if cache is not None else None
         for step in range(max_len):
             last = step == max_len - 1 or bool(done.all())
             if last and not keep_last:
                 break
             seg = embed(ids[-1], valid[-1])
-            if cache is not None:
+            if stepper is not None:
+                h = stepper.run(seg.x, valid[-1][:, 0])  # (B, D)
+            elif cache is not None:
                 h, cache = self._run([seg], cache, keep_kv=True)
                 h = h[0][:, -1]  # (B, D)
             else:
@@ -755,4 +1101,12 @@ class VLA(nn.Module):
             ids.append(nxt[:, None])
             if block == PLAN:
                 done = done | (nxt == tok.eos_id)
+        if stepper is not None:
+            cache = stepper.cache()
         return torch.cat(ids, 1), torch.cat(valid, 1), cache
+
+    def _token_stepper(self, cache: KVCache, block: int, max_len: int) -> _TokenStepper | None:
+        """The one-token-at-a-time runner of `_decode` (None: use `_run` per token), see `_TokenStepper`."""
+        if not bool(self.sees[block][cache.block].all()):  # a cached token this block may not see
+            return None
+        return _TokenStepper(self, cache, block, max_len)
