@@ -136,14 +136,18 @@ class ConvStem(nn.Module):
     then a 1x1 conv reaches the model width. (B*V, 3, H, W) -> (B*V, H/p * W/p, D), row-major like `patchify`.
     With ``film`` every stage's features are scaled and shifted by the instruction (FiLM, as in
     RT-1 and BC-Z: the text picks which colours and shapes the early features keep); zero-initialised,
-    so training starts from the plain stem.
+    so training starts from the plain stem. With ``coords`` two constant channels, x and y in [-1, 1],
+    join the pixels (CoordConv, Liu et al. 2018): a feature can say *where* as well as *what*, so the
+    token of the named object carries its position without first learning it from `patch_pos`.
     """
 
-    def __init__(self, strides: list[int], width: int, base: int = 32, film: bool = False) -> None:
+    def __init__(self, strides: list[int], width: int, base: int = 32, film: bool = False,
+                 coords: bool = False) -> None:
         super().__init__()
         self.convs = nn.ModuleList()
         self.films = nn.ModuleList() if film else None
-        c_in = 3
+        self.coords = coords
+        c_in = 5 if coords else 3
         for i, s in enumerate(strides):
             c_out = min(base * 2 ** i, width)
             # No normalization over the image (GroupNorm/BatchNorm): a token must depend on its own
@@ -156,6 +160,11 @@ class ConvStem(nn.Module):
 
     def forward(self, img: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         x = img  # (N, 3, H, W)
+        if self.coords:
+            n, _, h, w = img.shape
+            ys = torch.linspace(-1, 1, h, device=img.device, dtype=img.dtype)[:, None].expand(h, w)
+            xs = torch.linspace(-1, 1, w, device=img.device, dtype=img.dtype)[None, :].expand(h, w)
+            x = torch.cat([img, torch.stack([xs, ys]).expand(n, 2, h, w)], 1)  # (N, 5, H, W)
         for i, conv in enumerate(self.convs):
             x = conv(x)  # (N, C, h, w)
             if self.films is not None and cond is not None:
@@ -237,7 +246,7 @@ class VLA(nn.Module):
         h, w = cfg.image_hw
         self.vlm = nn.ModuleDict({
             "patch": (nn.Linear(3 * p * p, d) if cfg.vision == "patch"
-                      else ConvStem(conv_strides(p), d, film=cfg.vision_film)),
+                      else ConvStem(conv_strides(p), d, film=cfg.vision_film, coords=cfg.vision_coords)),
             "patch_pos": nn.Embedding((h // p) * (w // p), d),  # 2D position of a patch in its view
             "view": nn.Embedding(cfg.num_views, d),  # camera x history step
             "embed": nn.Embedding(self.tok.vocab_size, d),  # tied with the LM head
@@ -521,7 +530,14 @@ class VLA(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                 q_is_vlm: torch.Tensor, k_is_vlm: torch.Tensor) -> torch.Tensor:
-        """Joint attention; with knowledge insulation non-vlm queries read vlm keys/values detached."""
+        """Joint attention; with knowledge insulation non-vlm queries read vlm keys/values detached.
+
+        On the CPU, bf16 inputs (autocast) are attended in fp32: the CPU's fused attention backward
+        is ~3x slower in bf16 than in fp32 here, and fp32 is the more accurate of the two anyway.
+        """
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            with torch.autocast("cpu", enabled=False):
+                return self._attend(q.float(), k.float(), v.float(), mask, q_is_vlm, k_is_vlm).to(torch.bfloat16)
         if not self.cfg.knowledge_insulation or bool(q_is_vlm.all()):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         sel = k_is_vlm[None, None, :, None]  # (1, 1, Nk, 1)

@@ -26,6 +26,7 @@ class VLAConfig:
     patch_size: int = 8
     vision: str = "patch"  # patch: one linear map per raw patch (ViT) | conv: a strided conv stem per view
     vision_film: bool = False  # conv only: the instruction scales/shifts the stem's features (FiLM)
+    vision_coords: bool = False  # conv only: x/y coordinate channels join the pixels (CoordConv)
     n_obs_steps: int = 1
     horizon: int = 16
     d_model: int = 128
@@ -56,7 +57,7 @@ class VLAConfig:
     copy_slots: int = 16  # words: plans may copy any of the instruction's first copy_slots words
 
     def __post_init__(self) -> None:
-        for name in ("planner", "knowledge_insulation", "text_finetune", "vision_film"):  # YAML/CLI: on/off
+        for name in ("planner", "knowledge_insulation", "text_finetune", "vision_film", "vision_coords"):  # on/off
             v = getattr(self, name)
             if isinstance(v, str) and v.lower() in ("on", "off", "true", "false"):
                 setattr(self, name, v.lower() in ("on", "true"))
@@ -76,9 +77,10 @@ class VLAConfig:
         h, w = self.image_hw
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"VLAConfig.image_size {[h, w]} is not divisible by patch_size {self.patch_size}")
-        if self.vision_film and self.vision != "conv":
-            raise ValueError(f"VLAConfig.vision_film=true needs vision='conv' (FiLM modulates the conv stem), "
-                             f"got vision={self.vision!r}")
+        for flag, what in (("vision_film", "FiLM modulates the conv stem"),
+                           ("vision_coords", "coordinate channels enter the conv stem")):
+            if getattr(self, flag) and self.vision != "conv":
+                raise ValueError(f"VLAConfig.{flag}=true needs vision='conv' ({what}), got vision={self.vision!r}")
         if self.vision == "conv" and not conv_strides(self.patch_size):
             raise ValueError(f"VLAConfig.vision='conv' needs patch_size = a product of 2s and 3s (e.g. 8, 12, 16), "
                              f"got {self.patch_size}")
