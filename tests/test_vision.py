@@ -86,7 +86,8 @@ def test_coord_channels_tell_identical_patches_apart_by_position():
     assert torch.allclose(p[27], p[28], atol=1e-6)  # a plain stem is translation-equivariant
     assert not torch.allclose(c[27], c[28], atol=1e-4)  # with x/y channels the token also says where it is
     cfg = tiny_config(vision="conv", vision_coords=True, image_size=16, patch_size=4)
-    out = VLA(cfg).sample({k: v for k, v in model_batch(cfg).items() if k not in ("actions", "plan_tokens", "plan_mask")})
+    obs = {k: v for k, v in model_batch(cfg).items() if k not in ("actions", "plan_tokens", "plan_mask")}
+    out = VLA(cfg).sample(obs)
     assert out["actions"].shape[0] == 3
     with pytest.raises(ValueError, match=r"vision_coords=true needs vision='conv' \(coordinate channels"):
         tiny_config(vision_coords=True)
