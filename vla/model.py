@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from vla.attention import default_visibility, make_attn_mask, token_positions
 from vla.flow import euler_integrate, interpolate, sample_time, time_embedding
 from vla.model_config import VLAConfig, check_batch, conv_strides
-from vla.tokenizer import ByteTokenizer, PlanVocab
+from vla.tokenizer import ByteTokenizer, PlanRules, PlanVocab
 
 __all__ = ["VLA", "VLAConfig"]
 
@@ -649,9 +649,10 @@ class VLA(nn.Module):
                 seg = self.embed_plan(plan_tokens, plan_mask, words)
                 cache = self._run([seg], cache, keep_kv=True)[1] if use_cache else cache
                 ctx.append(seg)
-            elif decode_plan:
+            elif decode_plan:  # word plans: the instructions spell the copy slots for the decoding rules
+                texts = None if self.plan_vocab is None else self._instruction_texts(batch, b)
                 plan_tokens, plan_mask, cache = self._decode(ctx, cache, PLAN, cfg.max_plan_tokens,
-                                                             self.plan_tok.plan_id, b, words=words)
+                                                             self.plan_tok.plan_id, b, words=words, texts=texts)
                 ctx.append(self.embed_plan(plan_tokens, plan_mask, words))
             else:
                 raise ValueError("VLA.sample: the planner is on but the batch has no 'plan_tokens' "
@@ -661,10 +662,7 @@ class VLA(nn.Module):
         if plan_tokens is not None and self.plan_vocab is None:
             out["plan_text"] = [tok.decode(r[1:]) for r in plan_tokens]
         elif plan_tokens is not None:  # copies read the instruction's words
-            texts = batch.get("instruction_text")
-            if texts is None or len(texts) != b:
-                raise ValueError("VLA.sample: word plans need the batch's 'instruction_text' (a list of the "
-                                 "B instruction strings) to spell copied words; build batches with vla.processor")
+            texts = self._instruction_texts(batch, b)
             out["plan_text"] = [self.plan_vocab.decode(r, s) for r, s in zip(plan_tokens, texts)]
         if cfg.action_head == "discrete":
             n = cfg.horizon * cfg.action_dim
@@ -709,6 +707,14 @@ class VLA(nn.Module):
         clock.lap("frame_s")
         return out
 
+    @staticmethod
+    def _instruction_texts(batch: Mapping[str, Any], b: int) -> list[str]:
+        texts = batch.get("instruction_text")
+        if texts is None or len(texts) != b:
+            raise ValueError("VLA.sample: word plans need the batch's 'instruction_text' (a list of the "
+                             "B instruction strings) to spell copied words; build batches with vla.processor")
+        return list(texts)
+
     def _frame_noise(self, frame_noise: torch.Tensor | None, b: int, dev: torch.device) -> torch.Tensor:
         """Frame noise as patches (B, P, 3pp): drawn, or the caller's (B, 3, s, s) image-shaped noise."""
         s, p = self.cfg.frame_size, self.cfg.patch_size
@@ -724,11 +730,16 @@ class VLA(nn.Module):
 
     def _decode(self, ctx: list[Segment], cache: KVCache | None, block: int, max_len: int, first: int, b: int,
                 keep_last: bool = True, words: tuple[torch.Tensor, torch.Tensor] | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
+                texts: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
         """Greedy causal decoding of a vlm block (plan or discrete actions) after ``ctx``/``cache``.
 
-        The plan stops per sample at <eos> (later tokens are padding) or at ``max_len`` tokens; action-bin
-        decoding always emits ``max_len - 1`` bins. Returns ids (B, L), mask (B, L) and the extended cache.
+        The plan stops per sample at <eos> (later tokens are padding); a plan that has not stopped by
+        its last position (token ``max_len``) gets <eos> there, so every plan ends with <eos> within
+        ``max_len`` tokens. Word plans (``texts``: the B instructions, which spell the copy slots) also
+        obey `vla.tokenizer.banned_next_words` (no repeated word or bigram within a subtask, no empty
+        or immediately repeated subtask; docs/text.md "Decoding rules"). Every decode path (`vla plan`,
+        the policy, the server) runs through here. Action-bin decoding always emits ``max_len - 1``
+        bins. Returns ids (B, L), mask (B, L) and the extended cache.
         """
         dev = ctx[0].x.device
         tok = self.plan_tok if block == PLAN else self.tok
@@ -747,9 +758,15 @@ class VLA(nn.Module):
                 return self.embed_plan(ids, ok, words)
             return Segment("vlm", self.vlm["embed"](ids), block, True, ok)
 
+        rules = None
+        if words_plan:
+            if texts is None or len(texts) != b:
+                raise ValueError("VLA._decode: word plans need the B instruction texts (they spell the copy slots)")
+            rules = [PlanRules(self.plan_vocab, t) for t in texts]
         ids = [torch.full((b, 1), first, dtype=torch.long, device=dev)]
         valid = [torch.ones(b, 1, dtype=torch.bool, device=dev)]
         done = torch.zeros(b, dtype=torch.bool, device=dev)
+        rows: list[list[int]] = [[] for _ in range(b)]  # plan tokens emitted so far (word-plan rules)
         for step in range(max_len):
             last = step == max_len - 1 or bool(done.all())
             if last and not keep_last:
@@ -766,7 +783,19 @@ class VLA(nn.Module):
                 break
             logits = (self.plan_logits(h[:, None], words)[:, 0] if words_plan
                       else self.lm_logits(h)).masked_fill(~allowed, float("-inf"))  # (B, V)
-            nxt = torch.where(done, tok.pad_id, logits.argmax(-1))  # (B,)
+            if rules is not None:
+                ban = torch.zeros_like(logits, dtype=torch.bool)  # (B, V)
+                for r, (rule, row) in enumerate(zip(rules, rows)):
+                    ban[r, rule.banned_ids(row)] = True
+                logits = logits.masked_fill(ban, float("-inf"))
+            nxt = logits.argmax(-1)  # (B,)
+            if block == PLAN:  # forced <eos>: at the last position, or when every token is blocked
+                stuck = ~torch.isfinite(logits).any(-1)
+                nxt = torch.where(stuck | (step == max_len - 2), tok.eos_id, nxt)
+            nxt = torch.where(done, tok.pad_id, nxt)  # (B,)
+            if rules is not None:
+                for r, i in enumerate(nxt.tolist()):
+                    rows[r].append(i)
             valid.append(~done[:, None])
             ids.append(nxt[:, None])
             if block == PLAN:

@@ -191,12 +191,14 @@ def store_plans(store: Any) -> list[str]:
 
 
 def plan_words_from_store(store: Any, copy_slots: int, max_plan_tokens: int) -> list[str]:
-    """The plan vocabulary's fixed words from the store's subtask table; refuses a plan longer than the limit.
+    """The plan vocabulary's fixed words from the store's subtask table; refuses a plan longer than the
+    limit, or one that the plan decoding rules (`vla.tokenizer.banned_next_words`) would block.
 
-    Every later (remaining-subtask) plan of an episode is a suffix of its full plan, so checking the
-    full plans covers every training target.
+    Every later (remaining-subtask) plan of an episode is a suffix of its full plan, starting at a
+    subtask, so checking the full plans covers every training target (the rules look only within a
+    subtask and at the subtask before).
     """
-    from vla.tokenizer import PlanVocab
+    from vla.tokenizer import PlanVocab, plan_rule_violation
 
     vocab = PlanVocab.from_subtasks(list(store.subtask_table), copy_slots)
     plans = store_plans(store)
@@ -207,6 +209,12 @@ def plan_words_from_store(store: Any, copy_slots: int, max_plan_tokens: int) -> 
                              f"{getattr(store, 'path', 'the store')}: {longest!r} needs {vocab.length(longest)} "
                              f"tokens (<plan> + {vocab.length(longest) - 2} words + <eos>); "
                              f"raise model.max_plan_tokens to at least {vocab.length(longest)}")
+    for plan in dict.fromkeys(plans):
+        why = plan_rule_violation(plan)
+        if why:
+            raise ValueError(f"plan {plan!r} in {getattr(store, 'path', 'the store')} breaks the plan decoding "
+                             f"rules ({why}; see docs/text.md \"Decoding rules\"): a word-plan model could never "
+                             "decode it; relabel the subtasks (or use model.plan_vocab=bytes)")
     return vocab.words
 
 
