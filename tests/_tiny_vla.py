@@ -11,16 +11,17 @@ PLAN = "reach the drawer handle; pull the drawer open"
 INSTRUCTION = "open the drawer"
 
 
-def make_tiny(frame: str = "off", n_obs_steps: int = 1, image_size: int = 32, horizon: int = 8, seed: int = 0):
-    """(model, processor): one 'corner' camera, state 4, action 4, ~70k parameters."""
+def make_tiny(frame: str = "off", n_obs_steps: int = 1, image_size: int = 32, horizon: int = 8, seed: int = 0,
+              **cfg_kw):
+    """(model, processor): one 'corner' camera, state 4, action 4, ~70k parameters; ``cfg_kw`` overrides VLAConfig."""
     from vla.model import VLA, VLAConfig
     from vla.normalize import Normalizer
     from vla.processor import Processor
 
-    cfg = VLAConfig(cameras=["corner"], image_size=image_size, state_dim=4, action_dim=4, patch_size=8,
-                    n_obs_steps=n_obs_steps, horizon=horizon, d_model=32, n_layers=2, n_heads=2, head_dim=16,
-                    action_width=32, frame_width=32, max_instruction_tokens=32, max_plan_tokens=56, frame=frame,
-                    frame_size=16)
+    cfg = VLAConfig(**{**dict(cameras=["corner"], image_size=image_size, state_dim=4, action_dim=4, patch_size=8,
+                              n_obs_steps=n_obs_steps, horizon=horizon, d_model=32, n_layers=2, n_heads=2,
+                              head_dim=16, action_width=32, frame_width=32, max_instruction_tokens=32,
+                              max_plan_tokens=56, frame=frame, frame_size=16), **cfg_kw})
 
     def stats(d: int, lo: float, hi: float) -> dict:
         return {"mean": np.zeros(d), "std": np.ones(d), "min": np.full(d, lo), "max": np.full(d, hi),

@@ -132,3 +132,22 @@ def test_inference_benchmark_prints_json(capsys):
     assert set(tiny["chunk_latency_s"]) == {"cached", "uncached"} and tiny["plan_decode"]["plan_tokens"] > 1
     with pytest.raises(ValueError, match="unknown key 'preset'"):
         inference.main(["preset=tiny"])
+
+
+def test_train_benchmark_interleaves_bf16_variants_and_reports_ratios(capsys):
+    import json
+
+    from vla.bench import train
+
+    assert train.main(["presets=[tiny]", "steps=2", "warmup=1", "episodes=2", "episode_len=20", "image_size=16",
+                       "bf16=[false,true]", "rounds=2", "overrides=[model.patch_size=4]", "planner=off"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["results"]
+    assert [(r["round"], r["bf16_setting"], r["bf16"]) for r in rows] == [
+        (0, "false", False), (0, "true", True), (1, "false", False), (1, "true", True)]
+    ratio = report["ratios"]["bf16=true / bf16=false"]
+    assert len(ratio["per_round"]) == 2 and ratio["median"] > 0
+    assert ratio["per_round"][0] == pytest.approx(rows[1]["samples_per_s"] / rows[0]["samples_per_s"])
+    assert report["overrides"] == ["model.patch_size=4"]
+    with pytest.raises(FileNotFoundError, match="store=/no/such.zarr does not exist"):
+        train.main(["store=/no/such.zarr"])

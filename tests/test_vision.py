@@ -74,3 +74,20 @@ def test_film_starts_as_the_plain_stem_and_makes_tokens_depend_on_the_instructio
     assert not torch.allclose(a, b)  # same pixels, other instruction: other image tokens
     with pytest.raises(ValueError, match="vision_film=true needs vision='conv'"):
         tiny_config(vision_film=True)
+
+
+def test_coord_channels_tell_identical_patches_apart_by_position():
+    torch.manual_seed(0)
+    plain, coords = ConvStem(conv_strides(4), width=8), ConvStem(conv_strides(4), width=8, coords=True)
+    assert coords.convs[0].in_channels == 5 and plain.convs[0].in_channels == 3
+    img = torch.zeros(1, 3, 32, 32)  # 8 x 8 identical (empty) patches
+    p, c = plain(img)[0], coords(img)[0]  # (64, 8)
+    # Two interior patches (row 3, columns 3 and 4), away from the zero padding at the border:
+    assert torch.allclose(p[27], p[28], atol=1e-6)  # a plain stem is translation-equivariant
+    assert not torch.allclose(c[27], c[28], atol=1e-4)  # with x/y channels the token also says where it is
+    cfg = tiny_config(vision="conv", vision_coords=True, image_size=16, patch_size=4)
+    obs = {k: v for k, v in model_batch(cfg).items() if k not in ("actions", "plan_tokens", "plan_mask")}
+    out = VLA(cfg).sample(obs)
+    assert out["actions"].shape[0] == 3
+    with pytest.raises(ValueError, match=r"vision_coords=true needs vision='conv' \(coordinate channels"):
+        tiny_config(vision_coords=True)

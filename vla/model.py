@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from vla.attention import default_visibility, make_attn_mask, token_positions
 from vla.flow import euler_integrate, interpolate, sample_time, time_embedding
 from vla.model_config import VLAConfig, check_batch, conv_strides
-from vla.tokenizer import ByteTokenizer, PlanVocab
+from vla.tokenizer import ByteTokenizer, PlanRules, PlanVocab
 
 __all__ = ["VLA", "VLAConfig"]
 
@@ -154,14 +154,18 @@ class ConvStem(nn.Module):
     then a 1x1 conv reaches the model width. (B*V, 3, H, W) -> (B*V, H/p * W/p, D), row-major like `patchify`.
     With ``film`` every stage's features are scaled and shifted by the instruction (FiLM, as in
     RT-1 and BC-Z: the text picks which colours and shapes the early features keep); zero-initialised,
-    so training starts from the plain stem.
+    so training starts from the plain stem. With ``coords`` two constant channels, x and y in [-1, 1],
+    join the pixels (CoordConv, Liu et al. 2018): a feature can say *where* as well as *what*, so the
+    token of the named object carries its position without first learning it from `patch_pos`.
     """
 
-    def __init__(self, strides: list[int], width: int, base: int = 32, film: bool = False) -> None:
+    def __init__(self, strides: list[int], width: int, base: int = 32, film: bool = False,
+                 coords: bool = False) -> None:
         super().__init__()
         self.convs = nn.ModuleList()
         self.films = nn.ModuleList() if film else None
-        c_in = 3
+        self.coords = coords
+        c_in = 5 if coords else 3
         for i, s in enumerate(strides):
             c_out = min(base * 2 ** i, width)
             # No normalization over the image (GroupNorm/BatchNorm): a token must depend on its own
@@ -174,6 +178,11 @@ class ConvStem(nn.Module):
 
     def forward(self, img: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         x = img  # (N, 3, H, W)
+        if self.coords:
+            n, _, h, w = img.shape
+            ys = torch.linspace(-1, 1, h, device=img.device, dtype=img.dtype)[:, None].expand(h, w)
+            xs = torch.linspace(-1, 1, w, device=img.device, dtype=img.dtype)[None, :].expand(h, w)
+            x = torch.cat([img, torch.stack([xs, ys]).expand(n, 2, h, w)], 1)  # (N, 5, H, W)
         for i, conv in enumerate(self.convs):
             x = conv(x)  # (N, C, h, w)
             if self.films is not None and cond is not None:
@@ -209,6 +218,20 @@ class Segment:
     causal: bool
     valid: torch.Tensor  # (B, n) bool
     cond: torch.Tensor | None = None  # (B, width) flow-time conditioning; None = none (zeros)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with an additive float (or bool, or no) mask, cast to q's dtype.
+
+    On the CPU, bf16 inputs (autocast) are attended in fp32: the CPU's fused attention backward is
+    ~3x slower in bf16 than in fp32 here, and fp32 is the more accurate of the two anyway.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            return attention(q.float(), k.float(), v.float(), mask).to(torch.bfloat16)
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class _KVStore:
@@ -274,13 +297,6 @@ class _Layout:
     valid: torch.Tensor  # (B, Nk)
     k_is_vlm: torch.Tensor  # (Nk,)
 
-    def mask_as(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The mask in the queries' dtype (bf16 autocast), converted once per layout."""
-        if self.mask is None or self.mask.dtype == dtype:
-            return self.mask
-        self.mask = self.mask.to(dtype)
-        return self.mask
-
 
 class _Clock:
     """Optional phase timings for `VLA.sample` (synchronizes CUDA so the numbers are real)."""
@@ -342,7 +358,7 @@ class _TokenStepper:
             self.store.k[li][:, :, col:col + 1] = qk[1]
             self.store.v[li][:, :, col:col + 1] = qkv[2]
             k, v = self.store.k[li][:, :, : col + 1], self.store.v[li][:, :, : col + 1]
-            att = F.scaled_dot_product_attention(qk[0], k, v, attn_mask=None if mask is None else mask.to(qk.dtype))
+            att = attention(qk[0], k, v, mask)
             x = x + F.linear(att.transpose(1, 2).reshape(b, 1, nh * hd), layer.out.weight)
             h = F.rms_norm(x, (d,), layer.mlp_norm.weight, eps=1e-6)
             x = x + F.linear(F.gelu(F.linear(h, layer.mlp[0].weight), approximate="tanh"), layer.mlp[2].weight)
@@ -379,7 +395,7 @@ class VLA(nn.Module):
         h, w = cfg.image_hw
         self.vlm = nn.ModuleDict({
             "patch": (nn.Linear(3 * p * p, d) if cfg.vision == "patch"
-                      else ConvStem(conv_strides(p), d, film=cfg.vision_film)),
+                      else ConvStem(conv_strides(p), d, film=cfg.vision_film, coords=cfg.vision_coords)),
             "patch_pos": nn.Embedding((h // p) * (w // p), d),  # 2D position of a patch in its view
             "view": nn.Embedding(cfg.num_views, d),  # camera x history step
             "embed": nn.Embedding(self.tok.vocab_size, d),  # tied with the LM head
@@ -675,7 +691,7 @@ class VLA(nn.Module):
                 store.k[li][:, :, base:base + n_new] = k
                 store.v[li][:, :, base:base + n_new] = v
                 k, v = store.k[li][:, :, :base + n_new], store.v[li][:, :, :base + n_new]  # (B, H, Nk, hd)
-            att = self._attend(q, k, v, lay.mask_as(q.dtype), lay.is_vlm, lay.k_is_vlm)  # (B, H, N, hd)
+            att = self._attend(q, k, v, lay.mask, lay.is_vlm, lay.k_is_vlm)  # (B, H, N, hd)
             att = att.transpose(1, 2).reshape(b, -1, nh * hd)
             att = [att] if len(xs) == 1 else att.split([x.shape[1] for x in xs], 1)  # per group
             for j, ((e, _), a) in enumerate(zip(groups, att)):
@@ -695,19 +711,21 @@ class VLA(nn.Module):
             new_cache = KVCache(store, base + n_new, lay.block, lay.causal, lay.valid, lay.k_is_vlm)
         return outs, new_cache
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 q_is_vlm: torch.Tensor, k_is_vlm: torch.Tensor) -> torch.Tensor:
-        """Joint attention; with knowledge insulation non-vlm queries read vlm keys/values detached."""
+        """Joint attention (`attention`); with knowledge insulation non-vlm queries read vlm keys/values detached."""
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # attended in fp32, see `attention`
+            with torch.autocast("cpu", enabled=False):
+                return self._attend(q.float(), k.float(), v.float(), mask, q_is_vlm, k_is_vlm).to(torch.bfloat16)
         if not self.cfg.knowledge_insulation or bool(q_is_vlm.all()):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return attention(q, k, v, mask)
         sel = k_is_vlm[None, None, :, None]  # (1, 1, Nk, 1)
         kd, vd = torch.where(sel, k.detach(), k), torch.where(sel, v.detach(), v)  # stop-gradient into the vlm
         if not bool(q_is_vlm.any()):
-            return F.scaled_dot_product_attention(q, kd, vd, attn_mask=mask)
+            return attention(q, kd, vd, mask)
         out = torch.empty_like(q)
-        out[:, :, q_is_vlm] = F.scaled_dot_product_attention(q[:, :, q_is_vlm], k, v, attn_mask=mask[:, :, q_is_vlm])
-        out[:, :, ~q_is_vlm] = F.scaled_dot_product_attention(q[:, :, ~q_is_vlm], kd, vd,
-                                                               attn_mask=mask[:, :, ~q_is_vlm])
+        out[:, :, q_is_vlm] = attention(q[:, :, q_is_vlm], k, v, None if mask is None else mask[:, :, q_is_vlm])
+        out[:, :, ~q_is_vlm] = attention(q[:, :, ~q_is_vlm], kd, vd, None if mask is None else mask[:, :, ~q_is_vlm])
         return out
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -817,11 +835,12 @@ class VLA(nn.Module):
             if "plan_tokens" in batch:
                 plan_tokens = batch["plan_tokens"]
                 pending.append(self.embed_plan(plan_tokens, batch["plan_mask"], words))
-            elif decode_plan:
+            elif decode_plan:  # word plans: the instructions spell the copy slots for the decoding rules
+                texts = None if self.plan_vocab is None else self._instruction_texts(batch, b)
                 cache, pending = self._run(pending, keep_kv=True, reserve=reserve)[1], []
                 clock.lap("prefix_s")
                 plan_tokens, _, cache = self._decode([prefix], cache, PLAN, cfg.max_plan_tokens,
-                                                     self.plan_tok.plan_id, b, words=words)
+                                                     self.plan_tok.plan_id, b, words=words, texts=texts)
                 clock.lap("plan_s")
             else:
                 raise ValueError("VLA.sample: the planner is on but the batch has no 'plan_tokens' "
@@ -860,10 +879,7 @@ class VLA(nn.Module):
         if plan_tokens is not None and self.plan_vocab is None:
             out["plan_text"] = [self.tok.decode(r[1:]) for r in plan_tokens]
         elif plan_tokens is not None:  # copies read the instruction's words
-            texts = batch.get("instruction_text")
-            if texts is None or len(texts) != b:
-                raise ValueError("VLA.sample: word plans need the batch's 'instruction_text' (a list of the "
-                                 "B instruction strings) to spell copied words; build batches with vla.processor")
+            texts = self._instruction_texts(batch, b)
             out["plan_text"] = [self.plan_vocab.decode(r, s) for r, s in zip(plan_tokens, texts)]
         return out
 
@@ -946,8 +962,7 @@ class VLA(nn.Module):
                 k_buf, v_buf = store.k[li], store.v[li]
                 k_buf[:, :, base:base + n_new] = qk[1]
                 v_buf[:, :, base:base + n_new] = qkv[2]
-                att = F.scaled_dot_product_attention(qk[0], k_buf[:, :, :base + n_new], v_buf[:, :, :base + n_new],
-                                                     attn_mask=lay.mask_as(qk.dtype))
+                att = attention(qk[0], k_buf[:, :, :base + n_new], v_buf[:, :, :base + n_new], lay.mask)
                 att = att.transpose(1, 2).reshape(b, n_new, nh * hd)
                 att = [att] if len(xs) == 1 else att.split([xg.shape[1] for xg in xs], 1)
                 for j, ((e, _), a, m) in enumerate(zip(groups, att, mods)):
@@ -987,9 +1002,10 @@ class VLA(nn.Module):
             if "plan_tokens" in batch:
                 plan_tokens, plan_mask = batch["plan_tokens"], batch["plan_mask"]
                 ctx.append(self.embed_plan(plan_tokens, plan_mask, words))
-            elif decode_plan:
+            elif decode_plan:  # word plans: the instructions spell the copy slots for the decoding rules
+                texts = None if self.plan_vocab is None else self._instruction_texts(batch, b)
                 plan_tokens, plan_mask, _ = self._decode(ctx, None, PLAN, cfg.max_plan_tokens,
-                                                         self.plan_tok.plan_id, b, words=words)
+                                                         self.plan_tok.plan_id, b, words=words, texts=texts)
                 ctx.append(self.embed_plan(plan_tokens, plan_mask, words))
             else:
                 raise ValueError("VLA.sample: the planner is on but the batch has no 'plan_tokens' "
@@ -1036,6 +1052,14 @@ class VLA(nn.Module):
         clock.lap("frame_s")
         return out
 
+    @staticmethod
+    def _instruction_texts(batch: Mapping[str, Any], b: int) -> list[str]:
+        texts = batch.get("instruction_text")
+        if texts is None or len(texts) != b:
+            raise ValueError("VLA.sample: word plans need the batch's 'instruction_text' (a list of the "
+                             "B instruction strings) to spell copied words; build batches with vla.processor")
+        return list(texts)
+
     def _frame_noise(self, frame_noise: torch.Tensor | None, b: int, dev: torch.device) -> torch.Tensor:
         """Frame noise as patches (B, P, 3pp): drawn, or the caller's (B, 3, s, s) image-shaped noise."""
         s, p = self.cfg.frame_size, self.cfg.patch_size
@@ -1051,11 +1075,16 @@ class VLA(nn.Module):
 
     def _decode(self, ctx: list[Segment], cache: KVCache | None, block: int, max_len: int, first: int, b: int,
                 keep_last: bool = True, words: tuple[torch.Tensor, torch.Tensor] | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
+                texts: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
         """Greedy causal decoding of a vlm block (plan or discrete actions) after ``ctx``/``cache``.
 
-        The plan stops per sample at <eos> (later tokens are padding) or at ``max_len`` tokens; action-bin
-        decoding always emits ``max_len - 1`` bins. Returns ids (B, L), mask (B, L) and the extended cache.
+        The plan stops per sample at <eos> (later tokens are padding); a plan that has not stopped by
+        its last position (token ``max_len``) gets <eos> there, so every plan ends with <eos> within
+        ``max_len`` tokens. Word plans (``texts``: the B instructions, which spell the copy slots) also
+        obey `vla.tokenizer.banned_next_words` (no repeated word or bigram within a subtask, no empty
+        or immediately repeated subtask; docs/text.md "Decoding rules"). Every decode path (`vla plan`,
+        the policy, the server) runs through here. Action-bin decoding always emits ``max_len - 1``
+        bins. Returns ids (B, L), mask (B, L) and the extended cache.
         """
         dev = ctx[0].x.device
         tok = self.plan_tok if block == PLAN else self.tok
@@ -1074,9 +1103,15 @@ class VLA(nn.Module):
                 return self.embed_plan(ids, ok, words)
             return Segment("vlm", self.vlm["embed"](ids), block, True, ok)
 
+        rules = None
+        if words_plan:
+            if texts is None or len(texts) != b:
+                raise ValueError("VLA._decode: word plans need the B instruction texts (they spell the copy slots)")
+            rules = [PlanRules(self.plan_vocab, t) for t in texts]
         ids = [torch.full((b, 1), first, dtype=torch.long, device=dev)]
         valid = [torch.ones(b, 1, dtype=torch.bool, device=dev)]
         done = torch.zeros(b, dtype=torch.bool, device=dev)
+        rows: list[list[int]] = [[] for _ in range(b)]  # plan tokens emitted so far (word-plan rules)
         stepper = self._token_stepper(cache, block, max_len) if cache is not None else None
         for step in range(max_len):
             last = step == max_len - 1 or bool(done.all())
@@ -1096,7 +1131,19 @@ class VLA(nn.Module):
                 break
             logits = (self.plan_logits(h[:, None], words)[:, 0] if words_plan
                       else self.lm_logits(h)).masked_fill(~allowed, float("-inf"))  # (B, V)
-            nxt = torch.where(done, tok.pad_id, logits.argmax(-1))  # (B,)
+            if rules is not None:
+                ban = torch.zeros_like(logits, dtype=torch.bool)  # (B, V)
+                for r, (rule, row) in enumerate(zip(rules, rows)):
+                    ban[r, rule.banned_ids(row)] = True
+                logits = logits.masked_fill(ban, float("-inf"))
+            nxt = logits.argmax(-1)  # (B,)
+            if block == PLAN:  # forced <eos>: at the last position, or when every token is blocked
+                stuck = ~torch.isfinite(logits).any(-1)
+                nxt = torch.where(stuck | (step == max_len - 2), tok.eos_id, nxt)
+            nxt = torch.where(done, tok.pad_id, nxt)  # (B,)
+            if rules is not None:
+                for r, i in enumerate(nxt.tolist()):
+                    rows[r].append(i)
             valid.append(~done[:, None])
             ids.append(nxt[:, None])
             if block == PLAN:

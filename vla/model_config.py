@@ -26,6 +26,7 @@ class VLAConfig:
     patch_size: int = 8
     vision: str = "patch"  # patch: one linear map per raw patch (ViT) | conv: a strided conv stem per view
     vision_film: bool = False  # conv only: the instruction scales/shifts the stem's features (FiLM)
+    vision_coords: bool = False  # conv only: x/y coordinate channels join the pixels (CoordConv)
     n_obs_steps: int = 1
     horizon: int = 16
     d_model: int = 128
@@ -56,7 +57,7 @@ class VLAConfig:
     copy_slots: int = 16  # words: plans may copy any of the instruction's first copy_slots words
 
     def __post_init__(self) -> None:
-        for name in ("planner", "knowledge_insulation", "text_finetune", "vision_film"):  # YAML/CLI: on/off
+        for name in ("planner", "knowledge_insulation", "text_finetune", "vision_film", "vision_coords"):  # on/off
             v = getattr(self, name)
             if isinstance(v, str) and v.lower() in ("on", "off", "true", "false"):
                 setattr(self, name, v.lower() in ("on", "true"))
@@ -76,9 +77,10 @@ class VLAConfig:
         h, w = self.image_hw
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"VLAConfig.image_size {[h, w]} is not divisible by patch_size {self.patch_size}")
-        if self.vision_film and self.vision != "conv":
-            raise ValueError(f"VLAConfig.vision_film=true needs vision='conv' (FiLM modulates the conv stem), "
-                             f"got vision={self.vision!r}")
+        for flag, what in (("vision_film", "FiLM modulates the conv stem"),
+                           ("vision_coords", "coordinate channels enter the conv stem")):
+            if getattr(self, flag) and self.vision != "conv":
+                raise ValueError(f"VLAConfig.{flag}=true needs vision='conv' ({what}), got vision={self.vision!r}")
         if self.vision == "conv" and not conv_strides(self.patch_size):
             raise ValueError(f"VLAConfig.vision='conv' needs patch_size = a product of 2s and 3s (e.g. 8, 12, 16), "
                              f"got {self.patch_size}")
@@ -189,12 +191,14 @@ def store_plans(store: Any) -> list[str]:
 
 
 def plan_words_from_store(store: Any, copy_slots: int, max_plan_tokens: int) -> list[str]:
-    """The plan vocabulary's fixed words from the store's subtask table; refuses a plan longer than the limit.
+    """The plan vocabulary's fixed words from the store's subtask table; refuses a plan longer than the
+    limit, or one that the plan decoding rules (`vla.tokenizer.banned_next_words`) would block.
 
-    Every later (remaining-subtask) plan of an episode is a suffix of its full plan, so checking the
-    full plans covers every training target.
+    Every later (remaining-subtask) plan of an episode is a suffix of its full plan, starting at a
+    subtask, so checking the full plans covers every training target (the rules look only within a
+    subtask and at the subtask before).
     """
-    from vla.tokenizer import PlanVocab
+    from vla.tokenizer import PlanVocab, plan_rule_violation
 
     vocab = PlanVocab.from_subtasks(list(store.subtask_table), copy_slots)
     plans = store_plans(store)
@@ -205,6 +209,12 @@ def plan_words_from_store(store: Any, copy_slots: int, max_plan_tokens: int) -> 
                              f"{getattr(store, 'path', 'the store')}: {longest!r} needs {vocab.length(longest)} "
                              f"tokens (<plan> + {vocab.length(longest) - 2} words + <eos>); "
                              f"raise model.max_plan_tokens to at least {vocab.length(longest)}")
+    for plan in dict.fromkeys(plans):
+        why = plan_rule_violation(plan)
+        if why:
+            raise ValueError(f"plan {plan!r} in {getattr(store, 'path', 'the store')} breaks the plan decoding "
+                             f"rules ({why}; see docs/text.md \"Decoding rules\"): a word-plan model could never "
+                             "decode it; relabel the subtasks (or use model.plan_vocab=bytes)")
     return vocab.words
 
 

@@ -249,3 +249,80 @@ class PlanVocab:
         if int(d.get("version", 0)) > cls.version:
             raise ValueError(f"PlanVocab.from_dict: version {d.get('version')} is newer than {cls.version}")
         return cls(list(d["words"]), int(d["copy_slots"]))
+
+
+# ----------------------------------------------------------------------------------------------- plan decoding rules
+PLAN_SEPARATOR_WORD = ";"  # separates a plan's subtasks ("reach the handle; pull the drawer")
+EOS_KEY = "<eos>"  # stands for the <eos> token in the word-level rules below (no word splits to it)
+NO_REPEAT_NGRAM = 2  # within one subtask, no word n-gram of this size occurs twice
+
+
+def banned_next_words(words: list[str], no_repeat_ngram: int = NO_REPEAT_NGRAM) -> set[str]:
+    """Words (and ``EOS_KEY``) greedy plan decoding may not emit after ``words``, the plan so far.
+
+    The rules (docs/text.md "Decoding rules"), on words (a copied "the" and the fixed "the" are the
+    same word), scoped to subtasks, the words between <plan> or ";" and the next ";" or <eos>:
+
+    1. within a subtask, no word directly follows itself ("the the");
+    2. within a subtask, no ``no_repeat_ngram``-gram occurs twice ("the red the red"), as
+       ``no_repeat_ngram_size`` in text generation, but per subtask: "put it in the bowl" may come
+       back in a later subtask;
+    3. no subtask is empty (no ";" or <eos> right after <plan> or ";");
+    4. no subtask repeats the one just before it ("reach the handle; reach the handle").
+
+    A fifth rule, the forced <eos> at the block's last position, is the decoder's (`VLA._decode`).
+    """
+    cur: list[str] = []
+    prev: list[str] | None = None
+    for w in words:
+        if w == PLAN_SEPARATOR_WORD:
+            prev, cur = cur, []
+        else:
+            cur.append(w)
+    if not cur:
+        return {PLAN_SEPARATOR_WORD, EOS_KEY}
+    ban = {cur[-1]}
+    n = no_repeat_ngram
+    if n >= 1 and len(cur) >= n - 1:
+        tail = cur[len(cur) - (n - 1):]
+        ban.update(cur[i + n - 1] for i in range(len(cur) - n + 1) if cur[i:i + n - 1] == tail)
+    if cur == prev:
+        ban.update((PLAN_SEPARATOR_WORD, EOS_KEY))
+    return ban
+
+
+def plan_rule_violation(plan: str, no_repeat_ngram: int = NO_REPEAT_NGRAM) -> str | None:
+    """Why the decoding rules could never produce ``plan`` (its first blocked word), or None if they can."""
+    words = split_words(plan) + [EOS_KEY]
+    for i, w in enumerate(words):
+        if w in banned_next_words(words[:i], no_repeat_ngram):
+            shown = join_words(words[:i])
+            return f"{w!r} after {shown!r} is blocked" if shown else f"{w!r} at the start is blocked"
+    return None
+
+
+class PlanRules:
+    """`banned_next_words` for one row of token ids: maps plan ids to words and banned words to ids.
+
+    ``instruction`` spells the copy slots; copy slots past its words map to no word (the model
+    masks them). Specials other than <eos> are never emitted and have no word.
+    """
+
+    def __init__(self, vocab: PlanVocab, instruction: str, no_repeat_ngram: int = NO_REPEAT_NGRAM) -> None:
+        inst = split_words(instruction)[: vocab.copy_slots]
+        self.word_of: list[str | None] = [None] * vocab.vocab_size
+        self.word_of[vocab.eos_id] = EOS_KEY
+        for i, w in enumerate(vocab.words):
+            self.word_of[vocab.word_offset + i] = w
+        for i, w in enumerate(inst):
+            self.word_of[vocab.copy_offset + i] = w
+        self.ids_of: dict[str, list[int]] = {}
+        for i, w in enumerate(self.word_of):
+            if w is not None:
+                self.ids_of.setdefault(w, []).append(i)
+        self.no_repeat_ngram = no_repeat_ngram
+
+    def banned_ids(self, ids: list[int]) -> list[int]:
+        """Token ids banned after ``ids`` (the plan's tokens after <plan>)."""
+        words = [w for w in (self.word_of[i] for i in ids) if w is not None]
+        return [i for w in banned_next_words(words, self.no_repeat_ngram) for i in self.ids_of.get(w, [])]

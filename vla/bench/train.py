@@ -3,6 +3,13 @@
     vla bench train                                   # tiny,small on CPU (small,base on CUDA); batch 32; 1 camera
     vla bench train presets=[tiny] steps=20 cameras=2 workers=[0,1]
     vla bench train presets=[small,base] device=cuda  # the CUDA path: bf16 autocast (trainer.bf16=auto)
+    vla bench train presets=[tiny] bf16=[false,true] rounds=3 store=data/pp96.zarr \
+        "overrides=[text=minilm,model.vision=conv,model.patch_size=16]"   # fp32 vs bf16, interleaved
+
+``bf16`` takes a list: each value is a variant, timed in turn within each of ``rounds`` rounds
+(A, B, A, B, ...: a load change hits both), and ``ratios`` gives each variant's samples/s over the
+first's, per round and as the median. ``store`` uses a real store instead of the synthetic one;
+``overrides`` are extra `vla train` overrides (a recipe).
 
 Builds a synthetic in-memory store (random images, smooth actions) in a temp dir, sets up the
 real ``vla.training.Trainer`` (same data path, augmentation, optimizer, EMA as `vla train`) and times
@@ -32,8 +39,11 @@ DEFAULTS: dict[str, Any] = {
     "episode_len": 60,
     "workers": [0],
     "device": "auto",
-    "bf16": "auto",
+    "bf16": ["auto"],
     "planner": "on",
+    "rounds": 1,
+    "store": None,
+    "overrides": [],
 }
 
 
@@ -68,7 +78,8 @@ def make_synthetic_store(path: Path, episodes: int, length: int, cameras: int, i
     return path
 
 
-def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp: Path) -> dict[str, Any]:
+def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp: Path,
+              bf16: str = "auto") -> dict[str, Any]:
     import torch
 
     from vla.config import compose
@@ -79,8 +90,8 @@ def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp:
     cfg = compose("train", [
         f"model={preset}", f"planner={args['planner']}", f"dataset.path={store}",
         f"trainer.batch_size={args['batch_size']}", f"trainer.steps={steps + warmup}",
-        f"trainer.num_workers={workers}", f"trainer.bf16={args['bf16']}", "trainer.progress=false",
-        f"device={args['device']}", f"run_dir={tmp / preset}",
+        f"trainer.num_workers={workers}", f"trainer.bf16={bf16}", "trainer.progress=false",
+        f"device={args['device']}", f"run_dir={tmp / preset}", *args["overrides"],
     ])
     info = dist_utils.init(str(cfg.device))
     trainer = Trainer(cfg, info)
@@ -105,6 +116,7 @@ def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp:
         "params": n_params,
         "num_workers": workers,
         "device": str(trainer.device),
+        "bf16_setting": bf16,
         "bf16": trainer.bf16,
         "torch_threads": torch.get_num_threads(),
         "samples_per_s": args["batch_size"] * steps / wall,
@@ -113,6 +125,33 @@ def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp:
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }
+
+
+def _loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def bf16_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """samples/s of each bf16 setting over the first setting's, per (preset, workers, round) and the median."""
+    import statistics
+
+    settings = list(dict.fromkeys(r["bf16_setting"] for r in results))
+    out: dict[str, Any] = {}
+    for s in settings[1:]:
+        per = []
+        for r in results:
+            if r["bf16_setting"] != settings[0]:
+                continue
+            match = [x for x in results if x["bf16_setting"] == s and x["round"] == r["round"]
+                     and x["preset"] == r["preset"] and x["num_workers"] == r["num_workers"]]
+            if match:
+                per.append(match[0]["samples_per_s"] / r["samples_per_s"])
+        if per:
+            out[f"bf16={s} / bf16={settings[0]}"] = {"per_round": per, "median": statistics.median(per)}
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -127,16 +166,30 @@ def main(argv: list[str]) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="vla_bench_train_") as d:
         tmp = Path(d)
-        store = make_synthetic_store(tmp / "store.zarr", int(args["episodes"]), int(args["episode_len"]),
-                                     int(args["cameras"]), int(args["image_size"]))
-        for preset in args["presets"]:
-            for workers in args["workers"]:
-                print(f"bench train: {preset} workers={workers} ...", file=sys.stderr)
-                results.append(bench_one(store, preset, args, int(workers), tmp))
+        if args["store"]:
+            store = Path(args["store"])
+            if not store.exists():
+                raise FileNotFoundError(f"vla bench train: store={store} does not exist")
+            store_info: dict[str, Any] = {"synthetic": False, "path": str(store)}
+        else:
+            store = make_synthetic_store(tmp / "store.zarr", int(args["episodes"]), int(args["episode_len"]),
+                                         int(args["cameras"]), int(args["image_size"]))
+            store_info = {"synthetic": True, "cameras": int(args["cameras"]), "image_size": int(args["image_size"]),
+                          "episodes": int(args["episodes"]), "episode_len": int(args["episode_len"]),
+                          "in_memory": True}
+        for r in range(int(args["rounds"])):
+            for preset in args["presets"]:
+                for workers in args["workers"]:
+                    for bf16 in args["bf16"]:
+                        print(f"bench train: round {r} {preset} workers={workers} bf16={bf16} ...", file=sys.stderr)
+                        res = bench_one(store, preset, args, int(workers), tmp, bf16)
+                        res.update(round=r, loadavg_1m=_loadavg())
+                        results.append(res)
     out = {
         "benchmark": "train",
-        "store": {"synthetic": True, "cameras": int(args["cameras"]), "image_size": int(args["image_size"]),
-                  "episodes": int(args["episodes"]), "episode_len": int(args["episode_len"]), "in_memory": True},
+        "store": store_info,
+        "overrides": list(args["overrides"]),
+        "ratios": bf16_ratios(results),
         "batch_size": int(args["batch_size"]),
         "timed_steps": int(args["steps"]),
         "warmup_steps": int(args["warmup"]),

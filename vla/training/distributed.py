@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -222,10 +223,28 @@ def set_threads(num_threads: int | None, info: DistInfo) -> None:
     torch.set_num_threads(n)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX), read from /proc/cpuinfo.
+
+    Without them oneDNN emulates bf16 and autocast is slower than fp32, so ``auto`` stays fp32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def use_bf16(value: Any, device: torch.device) -> bool:
-    """``trainer.bf16``: ``auto`` (bf16 autocast on CUDA devices that support it), true or false."""
+    """``trainer.bf16``: ``auto``, true or false.
+
+    ``auto`` = bf16 autocast on CUDA devices that support it and on CPUs with native bf16
+    (`cpu_has_native_bf16`); weights, optimizer state and the residual stream stay fp32.
+    """
     if isinstance(value, str):
         if value != "auto":
             raise ValueError(f"trainer.bf16: expected auto|true|false, got '{value}'")
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if device.type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return device.type == "cpu" and cpu_has_native_bf16()
     return bool(value)
