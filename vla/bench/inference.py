@@ -4,6 +4,7 @@
     vla bench inference presets=[tiny] repeats=5 cameras=2
     vla bench inference presets=[small,base] device=cuda dtype=bf16
     vla bench inference presets=[tiny] plan_vocabs=[bytes,words]   # + plan decode: byte vs word plans
+    vla bench inference presets=[tiny] baseline=main threads=1     # + the same chunks with main's model.py
 
 For each preset (random weights; one or more ``image_size`` cameras, state 4, action 4) it times
 `VLA.sample` at batch ``batch``:
@@ -22,6 +23,13 @@ For each preset (random weights; one or more ``image_size`` cameras, state 4, ac
   of the 4-step plan ``PLAN_4`` (the model is capped at exactly that plan's token count, since random
   weights never stop early), so "before" (bytes) and "after" (words) decode the same plan in one run;
   with ``words`` also ``minilm_encode_s``, the once-per-episode cost of the pretrained text encoder.
+* ``baseline=REF`` (a git ref such as ``main``, or a path to a ``model.py``) adds ``vs_baseline``:
+  that revision's ``vla/model.py`` is loaded beside the current one (the rest of the package is the
+  current one), given the same weights, and both time the same chunks alternately (new, baseline,
+  new, baseline, ...; ``baseline_repeats`` each) so load changes hit both alike: cached chunk with
+  the given plan, and with the plan decoded; the speed-ups, both FLOP fractions and the largest
+  action difference between the two (same noise).
+* ``load_avg_1min`` (``/proc/loadavg``) is recorded at the start and at the end.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ DEFAULTS: dict[str, Any] = {
     "peak_sizes": [1024, 2048],
     "threads": 0,
     "plan_vocabs": [],
+    "baseline": None,
+    "baseline_repeats": 15,
 }
 PLAN_4 = "open the drawer; pick up the red cube; put it in the drawer; close the drawer"
 INSTRUCTION = "put the red cube in the drawer and close it"
@@ -53,6 +63,8 @@ INSTRUCTION = "put the red cube in the drawer and close it"
 def parse_args(argv: list[str]) -> dict[str, Any]:
     """``key=value`` overrides, typed by ``DEFAULTS`` (see :func:`vla.bench.parse_bench_args`)."""
     args = parse_bench_args("inference", argv, DEFAULTS, int_lists=("peak_sizes",))
+    if int(args["baseline_repeats"]) < 1:
+        raise ValueError("vla bench inference: baseline_repeats must be >= 1")
     bad = [v for v in args["plan_vocabs"] if v not in ("bytes", "words")]
     if bad:
         raise ValueError(f"vla bench inference: plan_vocabs entries must be bytes or words, got {bad}")
@@ -156,6 +168,9 @@ def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float) ->
         "achieved_gflops_cached": flops_cached / cached["total_s"] / 1e9,
         "achieved_frac_of_peak_cached": flops_cached / cached["total_s"] / 1e9 / peak_gflops,
     }
+    if args["baseline"]:
+        result["vs_baseline"] = bench_vs_baseline(model, args, with_plan, batch if cfg.planner else None, noise,
+                                                  flops_cached, peak_gflops, autocast, device)
     if cfg.planner:
         decoded = median_of(batch, True, True)
         _, _, out = run(batch, True, True)
@@ -163,6 +178,91 @@ def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float) ->
                                  "s_per_token": decoded["plan_s"] / out["plan_tokens"].shape[1],
                                  "total_with_plan_s": decoded["total_s"]}
     return result
+
+
+def load_avg() -> float | None:
+    """The 1-minute load average (/proc/loadavg), or None where there is none."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def load_baseline_model(ref: str) -> tuple[Any, str]:
+    """The ``VLA`` class of another revision's ``vla/model.py`` (a git ref, or a path to the file),
+    imported as its own module beside the current package; returns (class, description)."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    path = Path(ref)
+    desc = str(path)
+    if not path.is_file():
+        root = Path(__file__).resolve().parents[2]
+        try:
+            text = subprocess.run(["git", "-C", str(root), "show", f"{ref}:vla/model.py"], check=True,
+                                  capture_output=True, text=True).stdout
+            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", ref], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise ValueError(f"vla bench inference: baseline={ref!r} is neither a file nor a git ref of {root}") from e
+        path = Path(tempfile.mkdtemp(prefix="vla_baseline_")) / "model.py"
+        path.write_text(text)
+        desc = f"{ref} ({commit}) vla/model.py"
+    name = f"vla_baseline_model_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module.VLA, desc
+
+
+def bench_vs_baseline(model: Any, args: dict[str, Any], inputs: dict, decode_inputs: dict | None, noise: Any,
+                      flops: int, peak_gflops: float, autocast: Any, device) -> dict[str, Any]:
+    """Chunk latency of ``model`` and of the baseline revision's model, alternating; see the module docstring."""
+    import torch
+
+    from vla.flops import count_flops
+
+    base_cls, desc = load_baseline_model(args["baseline"])
+    base = base_cls(model.cfg).to(device).eval()
+    base.load_state_dict(model.state_dict())
+
+    def once(m: Any, batch: dict) -> tuple[float, Any]:
+        _sync(device)
+        t = time.perf_counter()
+        with autocast:
+            out = m.sample(batch, noise=noise)
+        _sync(device)
+        return time.perf_counter() - t, out
+
+    out: dict[str, Any] = {"baseline": desc}
+    cases = {"cached_given_plan": inputs}
+    if decode_inputs is not None:
+        cases["cached_plan_decoded"] = decode_inputs
+    for case, batch in cases.items():
+        (_, new_out), (_, base_out) = once(model, batch), once(base, batch)  # warm-up, and the actions
+        times: dict[str, list[float]] = {"new": [], "baseline": []}
+        for _ in range(int(args["baseline_repeats"])):
+            times["new"].append(once(model, batch)[0])
+            times["baseline"].append(once(base, batch)[0])
+        new_s, base_s = statistics.median(times["new"]), statistics.median(times["baseline"])
+        out[case] = {"new_s": new_s, "baseline_s": base_s, "speedup": base_s / new_s,
+                     "new_min_s": min(times["new"]), "baseline_min_s": min(times["baseline"]),
+                     "max_abs_action_diff": float((new_out["actions"].float() - base_out["actions"].float())
+                                                  .abs().max()),
+                     "same_plan": bool(new_out["plan_tokens"] is None or torch.equal(new_out["plan_tokens"],
+                                                                                      base_out["plan_tokens"]))}
+    with autocast:
+        base_flops = count_flops(lambda: base.sample(inputs, noise=noise))
+    given = out["cached_given_plan"]
+    out["flops_per_chunk"] = {"new": flops, "baseline": base_flops}
+    out["achieved_frac_of_peak"] = {"new": flops / given["new_s"] / 1e9 / peak_gflops,
+                                    "baseline": base_flops / given["baseline_s"] / 1e9 / peak_gflops}
+    return out
 
 
 def bench_plan_vocabs(name: str, args: dict[str, Any], device) -> dict[str, Any]:
@@ -249,6 +349,7 @@ def main(argv: list[str]) -> int:
         "dtype": args["dtype"], "batch": args["batch"], "cameras": args["cameras"], "image_size": args["image_size"],
         "torch": torch.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_avg_1min_at_start": load_avg(),
         "matmul_peak_gflops": peaks,
         "presets": {},
     }
@@ -256,5 +357,6 @@ def main(argv: list[str]) -> int:
         report["presets"][name] = bench_preset(name, args, device, peak)
         if args["plan_vocabs"]:
             report["presets"][name]["plan_decode_by_vocab"] = bench_plan_vocabs(name, args, device)
+    report["load_avg_1min_at_end"] = load_avg()
     print(json.dumps(report, indent=1))
     return 0
