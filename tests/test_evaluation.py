@@ -189,3 +189,20 @@ def test_bench_eval_prints_one_json_object(capsys):
     report = json.loads(capsys.readouterr().out)
     (entry,) = report["results"]
     assert report["benchmark"] == "eval" and entry["env_steps"] == 5 and entry["env_steps_per_s"] > 0
+    assert entry["policy_ms_per_env_step"] > 0 and entry["env_ms_per_step"] > 0
+
+
+def test_bench_eval_runs_a_baseline_model_file_alternately(capsys):
+    from pathlib import Path
+
+    from vla.bench import eval as bench_eval
+
+    here = str(Path(bench_eval.__file__).resolve().parents[1] / "model.py")  # the current code as its own baseline
+    argv = ["policies=[vla]", "n_envs=[1]", "episodes=1", "max_steps=4", "image_size=32", f"baseline={here}",
+            "rounds=2", "torch_threads=1", "replan_every=100"]
+    assert bench_eval.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["variant"] for r in report["results"]] == ["new", "baseline"] * 2
+    assert all(r["replan_every"] == 100 and r["torch_threads"] == 1 for r in report["results"])
+    (vs,) = report["vs_baseline"]
+    assert vs["new"]["policy_ms_per_env_step"] > 0 and vs["speedup_env_steps_per_s"] > 0

@@ -134,6 +134,25 @@ def test_inference_benchmark_prints_json(capsys):
         inference.main(["preset=tiny"])
 
 
+def test_inference_benchmark_times_a_baseline_model_file_alongside(capsys):
+    import json
+    from pathlib import Path
+
+    from vla.bench import inference
+
+    here = str(Path(inference.__file__).resolve().parents[1] / "model.py")  # the current code as its own baseline
+    argv = ["presets=[tiny]", "repeats=1", "peak_sizes=[64]", "image_size=32", f"baseline={here}", "baseline_repeats=2"]
+    assert inference.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    vs = report["presets"]["tiny"]["vs_baseline"]
+    for case in ("cached_given_plan", "cached_plan_decoded"):
+        assert vs[case]["max_abs_action_diff"] == 0 and vs[case]["same_plan"] and vs[case]["speedup"] > 0
+    assert vs["flops_per_chunk"]["new"] == vs["flops_per_chunk"]["baseline"] > 0
+    assert report["load_avg_1min_at_start"] is None or report["load_avg_1min_at_start"] >= 0
+    with pytest.raises(ValueError, match="neither a file nor a git ref"):
+        inference.load_baseline_model("no-such-ref-xyz")
+
+
 def test_train_benchmark_interleaves_bf16_variants_and_reports_ratios(capsys):
     import json
 
