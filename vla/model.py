@@ -146,6 +146,20 @@ def rope_fast(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.
     return x * cos2 + x.roll(x.shape[-1] // 2, -1) * sin2
 
 
+def norm_fn(x: torch.Tensor, norm: nn.Module, mod: tuple | None = None) -> torch.Tensor:
+    """A layer's `RMSNorm` as a function, or its `AdaRMSNorm` given ``mod`` = (scale1, shift, gate1)
+    from `VLA._step_mods` (the inference paths that call layers as functions: `_integrate`, `_TokenStepper`)."""
+    if mod is None:
+        return F.rms_norm(x, x.shape[-1:], norm.weight, eps=1e-6)
+    scale1, shift, _ = mod
+    return torch.addcmul(shift, F.rms_norm(x, x.shape[-1:], eps=1e-6), scale1)
+
+
+def mlp_fn(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A layer's bias-free GELU MLP as a function (see `norm_fn`)."""
+    return F.linear(F.gelu(F.linear(h, layer.mlp[0].weight), approximate="tanh"), layer.mlp[2].weight)
+
+
 class ConvStem(nn.Module):
     """Strided 3x3 convolutions from pixels to one token per patch (early convolutions, Xiao et al. 2021).
 
@@ -346,29 +360,28 @@ class _TokenStepper:
     def run(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Run one token per sample, embeddings x (B, 1, D) and valid (B,); returns its final-normed output (B, D)."""
         cfg, e = self.model.cfg, self.model.expert("vlm")
-        b, nh, hd, d = x.shape[0], cfg.n_heads, cfg.head_dim, e.width
+        b, nh, hd = x.shape[0], cfg.n_heads, cfg.head_dim
         col = self.base + self.n
         cos, sin = self.cos[0, 0][self.pos][:, None, None], self.sin[0, 0][self.pos][:, None, None]  # (B,1,1,hd)
         mask = self.bias[..., : col + 1] if self.masked else None  # the token always sees itself (bias 0)
         x = x.float()
         for li, layer in enumerate(e.layers):
-            h = F.rms_norm(x, (d,), layer.attn_norm.weight, eps=1e-6)
-            qkv = F.linear(h, layer.qkv.weight).view(b, 1, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, 1, hd)
+            qkv = F.linear(norm_fn(x, layer.attn_norm), layer.qkv.weight)
+            qkv = qkv.view(b, 1, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, 1, hd)
             qk = rope_fast(qkv[:2], cos, sin)
             self.store.k[li][:, :, col:col + 1] = qk[1]
             self.store.v[li][:, :, col:col + 1] = qkv[2]
             k, v = self.store.k[li][:, :, : col + 1], self.store.v[li][:, :, : col + 1]
             att = attention(qk[0], k, v, mask)
             x = x + F.linear(att.transpose(1, 2).reshape(b, 1, nh * hd), layer.out.weight)
-            h = F.rms_norm(x, (d,), layer.mlp_norm.weight, eps=1e-6)
-            x = x + F.linear(F.gelu(F.linear(h, layer.mlp[0].weight), approximate="tanh"), layer.mlp[2].weight)
+            x = x + mlp_fn(layer, norm_fn(x, layer.mlp_norm))
         if not bool(valid.all()):  # padding (a finished plan): later tokens must not see it
             self.bias[:, 0, 0, col].masked_fill_(~valid, float("-inf"))
             self.masked = True
         self.pos = self.pos + valid
         self.valid.append(valid)
         self.n += 1
-        return F.rms_norm(x, (d,), e.final_norm.weight, eps=1e-6)[:, -1]
+        return norm_fn(x, e.final_norm)[:, -1]
 
     def cache(self) -> KVCache:
         """The cache extended by every token run so far (its metadata as `_run` would have built it)."""
@@ -714,9 +727,6 @@ class VLA(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 q_is_vlm: torch.Tensor, k_is_vlm: torch.Tensor) -> torch.Tensor:
         """Joint attention (`attention`); with knowledge insulation non-vlm queries read vlm keys/values detached."""
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # attended in fp32, see `attention`
-            with torch.autocast("cpu", enabled=False):
-                return self._attend(q.float(), k.float(), v.float(), mask, q_is_vlm, k_is_vlm).to(torch.bfloat16)
         if not self.cfg.knowledge_insulation or bool(q_is_vlm.all()):
             return attention(q, k, v, mask)
         sel = k_is_vlm[None, None, :, None]  # (1, 1, Nk, 1)
@@ -951,11 +961,7 @@ class VLA(nn.Module):
                 qkv = []
                 for (e, _), xg, m in zip(groups, xs, mods):
                     layer = e.layers[li]
-                    if m[i] is None:
-                        h = F.rms_norm(xg, (e.width,), layer.attn_norm.weight, eps=1e-6)
-                    else:
-                        scale1, shift, _ = m[i][2 * li]
-                        h = torch.addcmul(shift, F.rms_norm(xg, (e.width,), eps=1e-6), scale1)
+                    h = norm_fn(xg, layer.attn_norm, None if m[i] is None else m[i][2 * li])
                     qkv.append(F.linear(h, layer.qkv.weight).view(b, -1, 3, nh, hd))  # (B, n_g, 3, H, hd)
                 qkv = (qkv[0] if len(qkv) == 1 else torch.cat(qkv, 1)).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
                 qk = rope_fast(qkv[:2], lay.cos, lay.sin)
@@ -968,17 +974,11 @@ class VLA(nn.Module):
                 for j, ((e, _), a, m) in enumerate(zip(groups, att, mods)):
                     layer = e.layers[li]
                     o = F.linear(a, layer.out.weight)  # (B, n_g, W)
-                    if m[i] is None:
-                        xs[j] = xs[j] + o
-                        h = F.rms_norm(xs[j], (e.width,), layer.mlp_norm.weight, eps=1e-6)
-                    else:
-                        xs[j] = torch.addcmul(xs[j], o, m[i][2 * li][2])  # gated residual
-                        scale1, shift, _ = m[i][2 * li + 1]
-                        h = torch.addcmul(shift, F.rms_norm(xs[j], (e.width,), eps=1e-6), scale1)
-                    o = F.linear(F.gelu(F.linear(h, layer.mlp[0].weight), approximate="tanh"), layer.mlp[2].weight)
+                    xs[j] = xs[j] + o if m[i] is None else torch.addcmul(xs[j], o, m[i][2 * li][2])  # gated
+                    o = mlp_fn(layer, norm_fn(xs[j], layer.mlp_norm, None if m[i] is None else m[i][2 * li + 1]))
                     xs[j] = xs[j] + o if m[i] is None else torch.addcmul(xs[j], o, m[i][2 * li + 1][2])
             for (e, ks), xg in zip(groups, xs):
-                outs = F.rms_norm(xg, (e.width,), e.final_norm.weight, eps=1e-6)
+                outs = norm_fn(xg, e.final_norm)
                 outs = [outs] if len(ks) == 1 else outs.split([noise[k].shape[1] for k in ks], 1)
                 for k, o in zip(ks, outs):
                     x[k] = x[k] + dt * getattr(self, k)["out"](o)
