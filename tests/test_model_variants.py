@@ -134,6 +134,22 @@ def test_inference_benchmark_prints_json(capsys):
         inference.main(["preset=tiny"])
 
 
+def test_inference_benchmark_grid_rows_and_graph_variant(capsys):
+    import json
+
+    from vla.bench import inference
+
+    argv = ["presets=[tiny]", "repeats=1", "peak_sizes=[64]", "image_size=32", "batch=[1,2]", "graphs=true"]
+    assert inference.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)["presets"]
+    assert set(rows) == {"tiny batch=1 cameras=1", "tiny batch=2 cameras=1"}
+    for key, row in rows.items():
+        assert row["batch"] == int(key.split("batch=")[1][0]) and "graphs_error" not in row
+        assert row["chunk_latency_s"]["cached_graphs"] > 0 and row["graphs_rel_action_diff"] == 0.0  # CPU: no capture
+    with pytest.raises(ValueError, match="positive ints"):
+        inference.main(["batch=[0]"])
+
+
 def test_inference_benchmark_times_a_baseline_model_file_alongside(capsys):
     import json
     from pathlib import Path

@@ -182,3 +182,35 @@ def test_periodic_closed_loop_eval_is_wired(store, tmp_path, monkeypatch):
     assert evals[0]["success_rate/push"] == 0.25
     msg = _error(train_cfg(store, tmp_path / "run2", "eval.every=2"))
     assert "eval.every=2 needs eval.env" in msg
+
+
+def test_time_budget_shortens_the_schedule_once_and_refuses_resume(store, tmp_path, monkeypatch):
+    from vla.training import budget as budget_mod
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(budget_mod.time, "perf_counter", lambda: clock["t"])
+    b = budget_mod.TimeBudget(100.0, start_step=0, warm=2, probe=4, margin=1.0)
+
+    class One:
+        distributed = False
+
+    seen = []
+    for step in range(1, 9):
+        clock["t"] += 1.0 if step > 2 else 10.0  # two slow warm-up steps, then 1 s per step
+        seen.append(b.after_step(step, One(), total_steps=1000))
+    # probe: steps 3..6 took 4 s -> 1 step/s; 100 s budget, 24 s used at step 6 -> 6 + 76 = 82 steps
+    assert seen == [None, None, None, None, None, 82, None, None] and b.rate == pytest.approx(1.0)
+    b2 = budget_mod.TimeBudget(1000.0, start_step=0, warm=0, probe=1)
+    assert b2.after_step(0, One(), 50) is None and b2.after_step(1, One(), 50) is None  # budget allows more: keep 50
+    with pytest.raises(ValueError, match="must be > 0 seconds"):
+        budget_mod.TimeBudget(0, 0)
+    monkeypatch.undo()  # the real clock again (perf_counter was patched on the shared time module)
+
+    run = tmp_path / "run"
+    cfg = train_cfg(store, run, "trainer.steps=400", "trainer.time_budget_s=0.001", "trainer.log_every=1")
+    train(cfg)
+    log = (run / "train.log").read_text()
+    assert "time budget 0 s:" in log and "-> steps=31" in log  # warm 10 + probe 20, then 1 more step at most
+    assert [m["step"] for m in _metrics(run)][-1] == 31
+    with pytest.raises(ValueError, match="cannot be combined with resume"):
+        train(train_cfg(store, tmp_path / "r2", f"resume={run}", "trainer.steps=400", "trainer.time_budget_s=0.001"))

@@ -395,6 +395,94 @@ class _TokenStepper:
                        torch.cat([old.is_vlm, torch.ones(n, dtype=torch.bool, device=dev)]))
 
 
+class FlowGraphs:
+    """CUDA graphs of the Euler loop (`VLA._flow_loop`): at a few dozen kernels per layer and step, a
+    small model's action phase is bound by kernel launches, not arithmetic, and a graph replays the
+    whole loop (10 steps x every layer) as one launch.
+
+    One graph per input signature (block shapes, context length, mask or none, dtypes, autocast),
+    captured on first use and kept (at most ``max_graphs``, oldest dropped). Each graph owns static
+    copies of everything the loop reads: the noise, the context's keys/values, the mask and rotary
+    tables; a call copies the live tensors in, replays, and returns clones of the outputs. The
+    weights are read in place, so loading new weights into the same parameters needs no re-capture.
+
+    ``capture=False`` runs the same static-buffer path without a graph (on any device): the CPU
+    tests check that path against the plain loop, and the CUDA tests check the graph against it.
+    """
+
+    def __init__(self, capture: bool = True, max_graphs: int = 16) -> None:
+        self.capture, self.max_graphs = capture, max_graphs
+        self.graphs: dict[tuple, dict[str, Any]] = {}
+        self.pool = None
+        self.captures = 0  # how many graphs were captured (tests, benchmarks)
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+    @staticmethod
+    def _key(noise: dict[str, torch.Tensor], t: torch.Tensor, lay: _Layout, store: _KVStore, base: int) -> tuple:
+        dev = t.device
+        return (tuple((k, tuple(v.shape), v.dtype) for k, v in noise.items()), t.shape[0], base,
+                tuple(lay.sizes), lay.mask is None, tuple(lay.cos.shape), store.k[0].dtype, tuple(store.k[0].shape[:2]),
+                dev.type, torch.is_autocast_enabled(dev.type),
+                torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None)
+
+    def _build(self, model: VLA, noise: dict[str, torch.Tensor], t: torch.Tensor, lay: _Layout, store: _KVStore,
+               base: int, n_new: int) -> dict[str, Any]:
+        static = {
+            "noise": {k: v.clone() for k, v in noise.items()},
+            "t": t.clone(),
+            "store": _KVStore.allocate(store.k[0], model.cfg.n_layers, base + n_new, base, store),
+            "lay": _Layout(list(lay.sizes), None if lay.mask is None else lay.mask.clone(), lay.cos.clone(),
+                           lay.sin.clone(), lay.is_vlm, lay.block, lay.causal, lay.valid, lay.k_is_vlm),
+        }
+
+        def loop() -> list[torch.Tensor]:
+            return model._flow_loop(static["noise"], static["t"], static["lay"], static["store"], base, n_new)
+
+        static["loop"], static["graph"] = loop, None
+        if self.capture:
+            dev = t.device
+            amp = torch.is_autocast_enabled(dev.type)
+            # no autocast weight-cast cache inside the graph: its tensors would be freed after capture
+            ctx = torch.autocast(dev.type, dtype=torch.get_autocast_dtype(dev.type), enabled=amp, cache_enabled=False)
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with ctx, torch.cuda.stream(side):
+                for _ in range(2):  # warm-up outside the graph (lazy inits, cuBLAS workspaces)
+                    loop()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with ctx, torch.cuda.graph(graph, pool=self.pool):
+                static["out"] = loop()
+            static["graph"] = graph
+            self.captures += 1
+        return static
+
+    def run(self, model: VLA, noise: dict[str, torch.Tensor], t: torch.Tensor, lay: _Layout, store: _KVStore,
+            base: int, n_new: int) -> list[torch.Tensor]:
+        key = self._key(noise, t, lay, store, base)
+        g = self.graphs.get(key)
+        if g is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.pop(next(iter(self.graphs)))
+            g = self.graphs[key] = self._build(model, noise, t, lay, store, base, n_new)
+        for k, v in noise.items():
+            g["noise"][k].copy_(v)
+        for dst, src in zip(g["store"].k + g["store"].v, store.k + store.v):
+            dst[:, :, :base].copy_(src[:, :, :base])
+        g["lay"].cos.copy_(lay.cos)
+        g["lay"].sin.copy_(lay.sin)
+        if lay.mask is not None:
+            g["lay"].mask.copy_(lay.mask)
+        if g["graph"] is None:
+            return g["loop"]()
+        g["graph"].replay()
+        return [o.clone() for o in g["out"]]
+
+
 # ----------------------------------------------------------------------------------------------- model
 class VLA(nn.Module):
     """Parameters live in three groups: ``vlm`` (patches, text, plan head, trunk), ``action``, ``frame``."""
@@ -447,9 +535,18 @@ class VLA(nn.Module):
 
             self.vlm["text_encoder"] = BertEncoder().load_pretrained().requires_grad_(cfg.text_finetune)
         self._text_memo: dict[tuple, torch.Tensor] = {}  # frozen encoder: token ids -> states (see encode_instruction)
+        self.flow_graphs: FlowGraphs | None = None  # `use_cuda_graphs`: the Euler loop replayed from CUDA graphs
+
+    def use_cuda_graphs(self, on: bool = True, capture: bool = True) -> VLA:
+        """Replay `sample`'s Euler loop from CUDA graphs (inference on CUDA; see `FlowGraphs`). Off by
+        default. ``capture=False``: the graphs' static-buffer path without capturing (tests, any device)."""
+        self.flow_graphs = FlowGraphs(capture=capture) if on else None
+        return self
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._text_memo.clear()  # new encoder weights: memoized states are stale
+        if self.flow_graphs is not None:  # a state dict may bring other dtypes/devices: re-capture
+            self.flow_graphs.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
     @staticmethod
@@ -920,14 +1017,32 @@ class VLA(nn.Module):
         built once per call instead of once per step: the layout (mask, rotary tables), and the time
         MLP and adaptive-norm modulations of all steps in one batch (`_step_mods`). Keys and values
         of the block are written after the cache's last token (scratch; the cache is unchanged).
+        With CUDA graphs on (`use_cuda_graphs`), the step loop is replayed from a captured graph.
         """
         cfg = self.cfg
         kinds = list(noise)
-        first = noise[kinds[0]]
-        b, dev = first.shape[0], first.device
-        dt = -1.0 / steps
-        t = torch.tensor([1.0 + i * dt for i in range(steps)], device=dev)  # (S,), as euler_integrate's
+        dev = noise[kinds[0]].device
+        t = torch.tensor([1.0 + i * (-1.0 / steps) for i in range(steps)], device=dev)  # (S,), as euler_integrate's
         block = {"action": ACTION, "frame": FRAME}
+        ones = {k: torch.ones(noise[k].shape[:2], dtype=torch.bool, device=dev) for k in kinds}
+        segs = [Segment(k, noise[k].new_zeros(*noise[k].shape[:2], 1), block[k], False, ones[k]) for k in kinds]
+        lay = self._layout(segs, cache, drop_full_mask=True)
+        n_new, base, store = sum(lay.sizes), cache.n, cache.store
+        if self.flow_graphs is not None and (dev.type == "cuda" or not self.flow_graphs.capture):
+            return self.flow_graphs.run(self, noise, t, lay, store, base, n_new)
+        if store.filled > base or base + n_new > store.capacity:  # scratch room after the cache: copy it out
+            store = _KVStore.allocate(store.k[0], cfg.n_layers, base + n_new, base, store)
+        return self._flow_loop(noise, t, lay, store, base, n_new)
+
+    def _flow_loop(self, noise: dict[str, torch.Tensor], t: torch.Tensor, lay: _Layout, store: _KVStore,
+                   base: int, n_new: int) -> list[torch.Tensor]:
+        """`_integrate`'s Euler steps at times ``t`` (S,): device work only (no host sync), so that a CUDA
+        graph can capture it. ``store`` has the context's keys/values in its first ``base`` slots and
+        room for the ``n_new`` block tokens after them."""
+        cfg = self.cfg
+        kinds = list(noise)
+        b, steps = noise[kinds[0]].shape[0], t.shape[0]
+        dt = -1.0 / steps
         # consecutive blocks of one expert run as one group (dense: action + frame share the vlm's)
         groups: list[tuple[Expert, list[str]]] = []
         for k in kinds:
@@ -938,12 +1053,6 @@ class VLA(nn.Module):
                 groups.append((e, [k]))
         conds = {k: getattr(self, k)["time"](t) for k in kinds}  # (S, W) per block
         mods = [self._step_mods(e, conds[ks[0]]) for e, ks in groups]  # a group's blocks share t
-        ones = {k: torch.ones(noise[k].shape[:2], dtype=torch.bool, device=dev) for k in kinds}
-        segs = [Segment(k, noise[k].new_zeros(*noise[k].shape[:2], 1), block[k], False, ones[k]) for k in kinds]
-        lay = self._layout(segs, cache, drop_full_mask=True)
-        n_new, base, store = sum(lay.sizes), cache.n, cache.store
-        if store.filled > base or base + n_new > store.capacity:  # scratch room after the cache: copy it out
-            store = _KVStore.allocate(store.k[0], cfg.n_layers, base + n_new, base, store)
         nh, hd = cfg.n_heads, cfg.head_dim
         x = dict(noise)
         for i in range(steps):

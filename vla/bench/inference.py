@@ -5,6 +5,8 @@
     vla bench inference presets=[small,base] device=cuda dtype=bf16
     vla bench inference presets=[tiny] plan_vocabs=[bytes,words]   # + plan decode: byte vs word plans
     vla bench inference presets=[tiny] baseline=main threads=1     # + the same chunks with main's model.py
+    vla bench inference presets=[tiny,small,base] device=cuda dtype=bf16 batch=[1,32] cameras=[1,2] \
+        image_size=128 repeats=50 graphs=true kernels=true           # the GPU latency table (BENCHMARKS.md)
 
 For each preset (random weights; one or more ``image_size`` cameras, state 4, action 4) it times
 `VLA.sample` at batch ``batch``:
@@ -29,6 +31,13 @@ For each preset (random weights; one or more ``image_size`` cameras, state 4, ac
   new, baseline, ...; ``baseline_repeats`` each) so load changes hit both alike: cached chunk with
   the given plan, and with the plan decoded; the speed-ups, both FLOP fractions and the largest
   action difference between the two (same noise).
+* ``batch`` and ``cameras`` take lists: every combination is a row (key "PRESET batch=B cameras=C").
+* ``graphs=true`` adds the cached chunk (given plan, and plan decoded) with the Euler loop replayed
+  from CUDA graphs (`VLA.use_cuda_graphs`), its speed-up and its relative action difference from
+  the plain path (on the CPU: the graphs' static-buffer path without capture).
+* ``kernels=true`` counts the CUDA kernels of one cached chunk (torch.profiler), with and without graphs.
+* On CUDA, chunk totals are timed with CUDA events; the phase split comes from separate calls
+  (it synchronizes between phases).
 * ``load_avg_1min`` (``/proc/loadavg``) is recorded at the start and at the end.
 """
 
@@ -45,8 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "presets": ["tiny", "small"],
     "device": "cpu",
     "dtype": "fp32",
-    "batch": 1,
-    "cameras": 1,
+    "batch": [1],
+    "cameras": [1],
     "image_size": 64,
     "repeats": 5,
     "plan_len": 24,
@@ -55,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
     "plan_vocabs": [],
     "baseline": None,
     "baseline_repeats": 15,
+    "graphs": False,
+    "kernels": False,
 }
 PLAN_4 = "open the drawer; pick up the red cube; put it in the drawer; close the drawer"
 INSTRUCTION = "put the red cube in the drawer and close it"
@@ -62,7 +73,10 @@ INSTRUCTION = "put the red cube in the drawer and close it"
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
     """``key=value`` overrides, typed by ``DEFAULTS`` (see :func:`vla.bench.parse_bench_args`)."""
-    args = parse_bench_args("inference", argv, DEFAULTS, int_lists=("peak_sizes",))
+    args = parse_bench_args("inference", argv, DEFAULTS, int_lists=("peak_sizes", "batch", "cameras"))
+    if not args["batch"] or not args["cameras"] or min(args["batch"] + args["cameras"]) < 1:
+        raise ValueError(f"vla bench inference: batch and cameras take positive ints (a list is a grid), "
+                         f"got batch={args['batch']} cameras={args['cameras']}")
     if int(args["baseline_repeats"]) < 1:
         raise ValueError("vla bench inference: baseline_repeats must be >= 1")
     bad = [v for v in args["plan_vocabs"] if v not in ("bytes", "words")]
@@ -101,7 +115,47 @@ def matmul_peak(sizes: list[int], device, dtype) -> dict[str, float]:
     return out
 
 
-def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float) -> dict[str, Any]:
+def _kernel_count(fn, device) -> int | None:
+    """CUDA kernels launched by one call of ``fn`` (torch.profiler; None off CUDA or without CUPTI)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return None
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+    except Exception:  # noqa: BLE001 - a profiler that cannot start must not stop the benchmark
+        return None
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+
+
+def _bench_graphs(model, cfg, args, run, median_of, with_plan, batch, cached, flops_cached, peak_gflops,
+                  device) -> dict[str, Any]:
+    """The cached chunk with the Euler loop replayed from CUDA graphs (see the module docstring)."""
+    _, _, plain_out = run(with_plan, True, False, False)
+    model.use_cuda_graphs(capture=device.type == "cuda")
+    graphed = median_of(with_plan, True, False)
+    _, _, graph_out = run(with_plan, True, False, False)
+    diff = graph_out["actions"].float() - plain_out["actions"].float()
+    res: dict[str, Any] = {
+        "phases_cached_graphs_s": {k: v for k, v in graphed.items() if k != "total_s"},
+        "speedup_graphs": cached["total_s"] / graphed["total_s"],
+        "graphs_rel_action_diff": float(diff.norm() / plain_out["actions"].float().norm()),
+        "achieved_frac_of_peak_cached_graphs": flops_cached / graphed["total_s"] / 1e9 / peak_gflops,
+        "chunk_latency_graphs_s": graphed["total_s"],
+    }
+    if args["kernels"]:
+        res["kernels_cached_graphs"] = _kernel_count(lambda: run(with_plan, True, False, False), device)
+    if cfg.planner:
+        res["plan_decode_graphs_total_s"] = median_of(batch, True, True)["total_s"]
+    return res
+
+
+def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float, b: int = 1,
+                 n_cams: int = 1) -> dict[str, Any]:
     import torch
     from omegaconf import OmegaConf
 
@@ -113,11 +167,10 @@ def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float) ->
     mcfg = OmegaConf.to_container(compose("train", [f"model={name}", "dataset.path=unused"]).model)
     mcfg = {k: v for k, v in mcfg.items() if k not in ("preset", "name")}
     size = int(args["image_size"])
-    cfg = VLAConfig.from_dict(mcfg, cameras=[f"cam{i}" for i in range(int(args["cameras"]))], image_size=size,
+    cfg = VLAConfig.from_dict(mcfg, cameras=[f"cam{i}" for i in range(n_cams)], image_size=size,
                               state_dim=4, action_dim=4)
     torch.manual_seed(0)
     model = VLA(cfg).to(device).eval()
-    b = int(args["batch"])
     tok = ByteTokenizer(cfg.action_bins)
     g = torch.Generator().manual_seed(0)
     it, im = tok.batch_encode(["open the top drawer and put the red block inside"] * b, cfg.max_instruction_tokens)
@@ -131,19 +184,30 @@ def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float) ->
     noise = torch.randn(b, cfg.horizon, cfg.action_dim, generator=g).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args["dtype"] == "bf16")
 
-    def run(inputs: dict, use_cache: bool, decode: bool) -> tuple[float, dict[str, float], Any]:
-        timings: dict[str, float] = {}
+    def run(inputs: dict, use_cache: bool, decode: bool, phases: bool = True) -> tuple[float, dict[str, float], Any]:
+        """One chunk; its wall time (CUDA events on the GPU) and, with ``phases``, the phase split
+        (which synchronizes between phases, so it is timed in separate calls from the total)."""
+        timings: dict[str, float] | None = {} if phases else None
         _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with autocast:
+                out = model.sample(inputs, noise=noise, use_cache=use_cache, decode_plan=decode, timings=timings)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3, timings or {}, out
         t = time.perf_counter()
         with autocast:
             out = model.sample(inputs, noise=noise, use_cache=use_cache, decode_plan=decode, timings=timings)
         _sync(device)
-        return time.perf_counter() - t, timings, out
+        return time.perf_counter() - t, timings or {}, out
 
     def median_of(inputs: dict, use_cache: bool, decode: bool) -> dict[str, Any]:
         run(inputs, use_cache, decode)  # warm-up
+        totals = [run(inputs, use_cache, decode, phases=False)[0] for _ in range(int(args["repeats"]))]
         runs = [run(inputs, use_cache, decode) for _ in range(int(args["repeats"]))]
-        res = {"total_s": statistics.median(r[0] for r in runs)}
+        res = {"total_s": statistics.median(totals)}
         for key in runs[0][1]:
             res[key] = statistics.median(r[1][key] for r in runs)
         return res
@@ -168,6 +232,20 @@ def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float) ->
         "achieved_gflops_cached": flops_cached / cached["total_s"] / 1e9,
         "achieved_frac_of_peak_cached": flops_cached / cached["total_s"] / 1e9 / peak_gflops,
     }
+    if args["kernels"]:
+        result["kernels_per_chunk"] = {"cached": _kernel_count(lambda: run(with_plan, True, False, False), device)}
+    if args["graphs"]:
+        try:
+            result.update(_bench_graphs(model, cfg, args, run, median_of, with_plan, batch, cached, flops_cached,
+                                        peak_gflops, device))
+        except Exception as e:  # noqa: BLE001 - one failed variant must not lose the rest of the table
+            result["graphs_error"] = f"{type(e).__name__}: {e}"
+        finally:
+            model.use_cuda_graphs(False)
+        if args["kernels"] and "kernels_cached_graphs" in result:
+            result["kernels_per_chunk"]["cached_graphs"] = result.pop("kernels_cached_graphs")
+        if "chunk_latency_graphs_s" in result:
+            result["chunk_latency_s"]["cached_graphs"] = result.pop("chunk_latency_graphs_s")
     if args["baseline"]:
         result["vs_baseline"] = bench_vs_baseline(model, args, with_plan, batch if cfg.planner else None, noise,
                                                   flops_cached, peak_gflops, autocast, device)
@@ -279,7 +357,7 @@ def bench_plan_vocabs(name: str, args: dict[str, Any], device) -> dict[str, Any]
 
     mcfg = OmegaConf.to_container(compose("train", [f"model={name}", "dataset.path=unused"]).model)
     mcfg = {k: v for k, v in mcfg.items() if k not in ("preset", "name")}
-    size, b = int(args["image_size"]), int(args["batch"])
+    size, b = int(args["image_size"]), int(args["batch"][0])
     words = sorted(set(split_words(PLAN_4)) | {";"})
     lengths = {"bytes": len(ByteTokenizer().encode(PLAN_4)) + 2, "words": PlanVocab(words, 16).length(PLAN_4)}
     stats = {k: {"q01": [-1.0] * 4, "q99": [1.0] * 4, "min": [-1.0] * 4, "max": [1.0] * 4, "mean": [0.0] * 4,
@@ -287,8 +365,8 @@ def bench_plan_vocabs(name: str, args: dict[str, Any], device) -> dict[str, Any]
     out: dict[str, Any] = {"plan": PLAN_4, "instruction": INSTRUCTION}
     for vocab in args["plan_vocabs"]:
         extra = {"plan_vocab": vocab, "plan_words": words} if vocab == "words" else {}
-        cfg = VLAConfig.from_dict(mcfg, cameras=[f"cam{i}" for i in range(int(args["cameras"]))], image_size=size,
-                                  state_dim=4, action_dim=4, planner=True, max_plan_tokens=lengths[vocab], **extra)
+        cfg = VLAConfig.from_dict(mcfg, cameras=[f"cam{i}" for i in range(int(args["cameras"][0]))],
+                                  image_size=size, state_dim=4, action_dim=4, planner=True, max_plan_tokens=lengths[vocab], **extra)
         torch.manual_seed(0)
         model = VLA(cfg).to(device).eval()
         norm = Normalizer({k: {s: np.asarray(v, np.float32) for s, v in d.items()} for k, d in stats.items()})
@@ -353,8 +431,11 @@ def main(argv: list[str]) -> int:
         "matmul_peak_gflops": peaks,
         "presets": {},
     }
+    grid = [(b, c) for b in args["batch"] for c in args["cameras"]]
     for name in args["presets"]:
-        report["presets"][name] = bench_preset(name, args, device, peak)
+        for b, c in grid:
+            key = name if len(grid) == 1 else f"{name} batch={b} cameras={c}"
+            report["presets"][key] = dict(bench_preset(name, args, device, peak, b, c), batch=b, cameras=c)
         if args["plan_vocabs"]:
             report["presets"][name]["plan_decode_by_vocab"] = bench_plan_vocabs(name, args, device)
     report["load_avg_1min_at_end"] = load_avg()

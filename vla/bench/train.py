@@ -9,7 +9,10 @@
 ``bf16`` takes a list: each value is a variant, timed in turn within each of ``rounds`` rounds
 (A, B, A, B, ...: a load change hits both), and ``ratios`` gives each variant's samples/s over the
 first's, per round and as the median. ``store`` uses a real store instead of the synthetic one;
-``overrides`` are extra `vla train` overrides (a recipe).
+``overrides`` are extra `vla train` overrides (a recipe). ``compile=[false,true]`` times
+``trainer.compile`` both ways. ``mfu`` (auto: on CUDA) counts one training step's FLOPs
+(forward + backward, `step_flops`) and divides the achieved FLOP/s by the matmul peak measured in
+the same run (bf16 8192^3 on CUDA): ``mfu``, ``achieved_tflops``, ``flops_per_sample``.
 
 Builds a synthetic in-memory store (random images, smooth actions) in a temp dir, sets up the
 real ``vla.training.Trainer`` (same data path, augmentation, optimizer, EMA as `vla train`) and times
@@ -44,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "rounds": 1,
     "store": None,
     "overrides": [],
+    "compile": ["false"],
+    "mfu": "auto",  # auto: on CUDA only (FLOPs of one training step vs the measured matmul peak)
 }
 
 
@@ -78,8 +83,23 @@ def make_synthetic_store(path: Path, episodes: int, length: int, cameras: int, i
     return path
 
 
+def step_flops(trainer: Any, raw: dict[str, Any]) -> int:
+    """FLOPs of one training step's forward + backward on ``raw`` (torch's FlopCounterMode: matmuls,
+    convolutions, attention), counted on the unwrapped model; gradients are cleared afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = trainer._prepare(raw, trainer.step)
+    model = trainer.raw_model
+    with FlopCounterMode(display=False) as counter:
+        with trainer._autocast():
+            loss = model.compute_loss(batch)["loss"]
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
 def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp: Path,
-              bf16: str = "auto") -> dict[str, Any]:
+              bf16: str = "auto", compile_: str = "false", peak_gflops: float | None = None) -> dict[str, Any]:
     import torch
 
     from vla.config import compose
@@ -91,7 +111,7 @@ def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp:
         f"model={preset}", f"planner={args['planner']}", f"dataset.path={store}",
         f"trainer.batch_size={args['batch_size']}", f"trainer.steps={steps + warmup}",
         f"trainer.num_workers={workers}", f"trainer.bf16={bf16}", "trainer.progress=false",
-        f"device={args['device']}", f"run_dir={tmp / preset}", *args["overrides"],
+        f"trainer.compile={compile_}", f"device={args['device']}", f"run_dir={tmp / preset}", *args["overrides"],
     ])
     info = dist_utils.init(str(cfg.device))
     trainer = Trainer(cfg, info)
@@ -99,6 +119,7 @@ def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp:
     for _ in range(warmup):
         trainer.train_step(next(it))
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    flops = step_flops(trainer, next(it)) if peak_gflops else None
     sync()
     wait = 0.0
     losses = []
@@ -124,6 +145,11 @@ def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp:
         "data_wait_frac": wait / wall,
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "compile": compile_,
+        **({} if not flops else {
+            "flops_per_step": flops, "flops_per_sample": flops / args["batch_size"],
+            "achieved_tflops": flops * steps / wall / 1e12,
+            "mfu": flops * steps / wall / 1e9 / peak_gflops, "peak_gflops": peak_gflops}),
     }
 
 
@@ -163,6 +189,15 @@ def main(argv: list[str]) -> int:
     if not args["presets"]:
         cuda = torch.cuda.is_available() and args["device"] in ("auto", "cuda")
         args["presets"] = ["small", "base"] if cuda else ["tiny", "small"]
+    cuda = torch.cuda.is_available() and args["device"] in ("auto", "cuda")
+    peak = None
+    if args["mfu"] == "true" or (args["mfu"] == "auto" and cuda):
+        from vla.bench.inference import matmul_peak
+
+        dev = torch.device("cuda" if cuda else "cpu")
+        bf16_peak = cuda or any(b == "true" for b in args["bf16"])
+        peak = max(matmul_peak([8192] if cuda else [1024], dev, torch.bfloat16 if bf16_peak else torch.float32)
+                   .values())
     results = []
     with tempfile.TemporaryDirectory(prefix="vla_bench_train_") as d:
         tmp = Path(d)
@@ -181,15 +216,18 @@ def main(argv: list[str]) -> int:
             for preset in args["presets"]:
                 for workers in args["workers"]:
                     for bf16 in args["bf16"]:
-                        print(f"bench train: round {r} {preset} workers={workers} bf16={bf16} ...", file=sys.stderr)
-                        res = bench_one(store, preset, args, int(workers), tmp, bf16)
-                        res.update(round=r, loadavg_1m=_loadavg())
-                        results.append(res)
+                        for comp in args["compile"]:
+                            print(f"bench train: round {r} {preset} workers={workers} bf16={bf16} compile={comp} ...",
+                                  file=sys.stderr)
+                            res = bench_one(store, preset, args, int(workers), tmp, bf16, comp, peak)
+                            res.update(round=r, loadavg_1m=_loadavg())
+                            results.append(res)
     out = {
         "benchmark": "train",
         "store": store_info,
         "overrides": list(args["overrides"]),
-        "ratios": bf16_ratios(results),
+        "ratios": bf16_ratios([r for r in results if r["compile"] == args["compile"][0]]),
+        "matmul_peak_gflops": peak,
         "batch_size": int(args["batch_size"]),
         "timed_steps": int(args["steps"]),
         "warmup_steps": int(args["warmup"]),

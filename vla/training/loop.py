@@ -40,6 +40,7 @@ from vla.flops import chunk_flops
 from vla.training import chunk_loader, guard
 from vla.training import distributed as dist_utils
 from vla.training.augment import AugmentConfig, augment_images, draw_params
+from vla.training.budget import TimeBudget
 from vla.training.data import build_model_config, open_store, select_episodes
 from vla.training.data_order import DataPosition, ResumableBatchSampler, mix_seed, sample_weights, worker_init
 from vla.training.ema import EMA
@@ -343,6 +344,7 @@ class Trainer:
         val_every = int(tcfg.get("val_every") or 0) or ckpt_every
         eval_every = self.eval_every
         it = iter(self.loader())
+        budget = TimeBudget.from_config(tcfg, self.resume_dir)
         flops, t_run = None, time.perf_counter()
         t_wait = t_side = 0.0
         t_start = time.perf_counter()
@@ -361,6 +363,11 @@ class Trainer:
                     first = self.processor.training_batch(raw, self.device)
                     flops = chunk_flops(self.raw_model, first, raw["instruction"])
                 metrics = self.train_step(raw)
+                if budget is not None and (fit := budget.after_step(self.step, info, self.total_steps)):
+                    self.total_steps = self.stop_at = fit  # the schedule now spans what fits the budget
+                    log.line(f"time budget {budget.budget_s:.0f} s: {budget.rate:.2f} steps/s -> steps={fit}")
+                    if bar is not None:
+                        bar.total = fit
                 n_seen += self.batch_size * info.world_size
                 acc.add(metrics)
                 if bar is not None:

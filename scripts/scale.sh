@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# One scale experiment on one GPU, end to end, everything under one output folder: collect scripted
+# demonstrations with many workers, train one policy (model=small, bf16) for a wall-clock budget,
+# evaluate it with many environments in parallel (the policy batched on the GPU), and write
+# results, a per-task chart and the loss curve. Numbers and commands: BENCHMARKS.md ("GPU").
+#
+#   bash scripts/scale.sh                          # MetaWorld MT10: 50 demos/task, 128 px, ~10 min on one H100
+#   SUITE=tabletop bash scripts/scale.sh           # the 10 tabletop families, train vs held-out wording
+#   SUITE=mt10 TRAIN_BUDGET_S=600 EVAL_EPISODES=50 OUT=outputs/mt10 bash scripts/scale.sh
+#
+# Assumes an environment that already has vla installed (a GPU image: `bash scripts/setup.sh
+# --offline DIR` or pip). Every stage prints its wall time; summary.json collects them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUITE="${SUITE:-mt10}"                   # mt10 | tabletop
+OUT="${OUT:-outputs/scale_$SUITE}"
+EPISODES="${EPISODES:-50}"               # demonstrations per task (training seeds 0..EPISODES-1)
+WORKERS="${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 1 : 2 ))}"  # collection processes
+TRAIN_BUDGET_S="${TRAIN_BUDGET_S:-240}"  # seconds of training (trainer.time_budget_s shortens the schedule)
+MAX_STEPS="${MAX_STEPS:-30000}"          # the schedule's upper bound
+BATCH="${BATCH:-128}"
+MODEL="${MODEL:-small}"
+COMPILE="${COMPILE:-false}"              # torch.compile the model (measure with `vla bench train compile=[false,true]`)
+EVAL_EPISODES="${EVAL_EPISODES:-50}"     # per task, unseen seeds (from 1,000,000), training wording
+HELDOUT_EPISODES="${HELDOUT_EPISODES:-20}"  # per task, unseen seeds, held-out wording (0 = skip)
+N_ENVS="${N_ENVS:-$WORKERS}"             # evaluation env processes; the policy answers them in one batch
+DEVICE="${DEVICE:-cuda}"
+TRAIN_ARGS="${TRAIN_ARGS:-}"             # extra `vla train` overrides
+RECIPE="${RECIPE:-model.vision=conv model.vision_film=true model.patch_size=16 dataset.balance=task}"
+case "$SUITE" in
+  mt10)
+    ENV=metaworld
+    TASKS="reach-v3,push-v3,pick-place-v3,door-open-v3,drawer-open-v3,drawer-close-v3,button-press-topdown-v3,peg-insert-side-v3,window-open-v3,window-close-v3"
+    IMAGE="${IMAGE:-128}"; CAMERAS="${CAMERAS:-corner,gripperPOV}"; HELDOUT_SPLIT=eval ;;
+  tabletop)
+    ENV=tabletop
+    TASKS="pick-place,stack,push,drawer-open,drawer-close,drawer-put-away,pick-place-two,match-color,drawer-retrieve,stack-three"
+    IMAGE="${IMAGE:-96}"; CAMERAS="${CAMERAS:-front,wrist}"; HELDOUT_SPLIT=eval ;;
+  *) echo "scripts/scale.sh: SUITE must be mt10 or tabletop, got '$SUITE'" >&2; exit 2 ;;
+esac
+export MUJOCO_GL="${MUJOCO_GL:-egl}" OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+rm -rf "$OUT/demos.zarr" "$OUT/train" "$OUT/eval" "$OUT/eval_heldout"
+stage() { echo "{\"stage\": \"$1\", \"seconds\": $2}" >> "$OUT/stages.jsonl"; echo "== $1: $2 s"; }
+: > "$OUT/stages.jsonl"
+t0=$(date +%s)
+
+echo "== 1/3 collect: $EPISODES demos x [$TASKS] at $IMAGE px [$CAMERAS], $WORKERS workers"
+t=$(date +%s)
+vla collect env="$ENV" "tasks=[$TASKS]" episodes="$EPISODES" workers="$WORKERS" image_size="$IMAGE" \
+  "cameras=[$CAMERAS]" out="$OUT/demos.zarr" progress=false
+stage collect $(( $(date +%s) - t ))
+
+echo "== 2/3 train: model=$MODEL, batch $BATCH, bf16, budget $TRAIN_BUDGET_S s (at most $MAX_STEPS steps)"
+t=$(date +%s)
+# shellcheck disable=SC2086
+vla train dataset.path="$OUT/demos.zarr" model="$MODEL" device="$DEVICE" trainer.bf16=auto \
+  trainer.batch_size="$BATCH" trainer.steps="$MAX_STEPS" trainer.time_budget_s="$TRAIN_BUDGET_S" \
+  trainer.compile="$COMPILE" trainer.warmup_steps=300 trainer.lr=5e-4 trainer.progress=false \
+  trainer.log_every=100 trainer.ckpt_every=0 run_dir="$OUT/train" $RECIPE $TRAIN_ARGS
+stage train $(( $(date +%s) - t ))
+
+echo "== 3/3 evaluate: $EVAL_EPISODES episodes per task on unseen seeds, $N_ENVS envs, policy on $DEVICE"
+t=$(date +%s)
+vla eval checkpoint="$OUT/train" episodes="$EVAL_EPISODES" n_envs="$N_ENVS" policy.device="$DEVICE" \
+  instruction_split=train videos=1 progress=false run_dir="$OUT/eval"
+stage eval $(( $(date +%s) - t ))
+if [ "$HELDOUT_EPISODES" -gt 0 ]; then
+  t=$(date +%s)
+  vla eval checkpoint="$OUT/train" episodes="$HELDOUT_EPISODES" n_envs="$N_ENVS" policy.device="$DEVICE" \
+    instruction_split="$HELDOUT_SPLIT" videos=0 progress=false run_dir="$OUT/eval_heldout"
+  stage eval_heldout $(( $(date +%s) - t ))
+fi
+stage total $(( $(date +%s) - t0 ))
+
+python - "$OUT" <<'EOF'
+"""summary.json (stages, steps, throughput, success per task) and loss.png from the run's logs."""
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+stages = {r["stage"]: r["seconds"] for r in map(json.loads, (out / "stages.jsonl").read_text().splitlines())}
+metrics = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+train = [m for m in metrics if m.get("split") == "train"]
+summary = {"stages_s": stages, "steps": train[-1]["step"] if train else 0,
+           "samples_per_s": [m.get("samples_per_s") for m in train][-5:],
+           "data_wait_frac": [m.get("data_wait_frac") for m in train][-5:]}
+for name in ("eval", "eval_heldout"):
+    f = out / name / "eval_info.json"
+    if f.is_file():
+        info = json.loads(f.read_text())
+        summary[name] = {"per_task": {t: v.get("pc_success", v.get("success_rate")) for t, v in
+                                      info.get("per_task", {}).items()},
+                         "overall": info.get("overall"), "mean_over_tasks": info.get("mean_over_tasks")}
+(out / "summary.json").write_text(json.dumps(summary, indent=1))
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m["step"] for m in train], [m["loss"] for m in train], label="loss")
+    ax.plot([m["step"] for m in train], [m["action_loss"] for m in train], label="action loss")
+    ax.set_xlabel("step"), ax.set_yscale("log"), ax.legend(), ax.set_title(out.name)
+    fig.tight_layout(), fig.savefig(out / "loss.png", dpi=100)
+except Exception as e:  # noqa: BLE001 - the figure is a convenience
+    print(f"loss.png not written: {e}", file=sys.stderr)
+print(json.dumps(summary, indent=1))
+EOF

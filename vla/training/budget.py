@@ -1,0 +1,58 @@
+"""``trainer.time_budget_s``: end training within a wall-clock budget by shortening the schedule.
+
+A GPU run that must fit a slot ("train for 4 minutes") cannot know its step count in advance: it
+depends on the machine, the model and the data. `TimeBudget` times ``probe`` steps after ``warm``
+untimed ones (compilation, allocator warm-up), then sets the total step count so that the whole run
+(from the start of the loop) ends inside the budget; the cosine schedule then spans the new total.
+``trainer.steps`` stays the upper bound. It only shortens, once, early (during the LR warm-up, so the
+learning rate already used does not depend on the total).
+"""
+
+from __future__ import annotations
+
+import time
+
+from vla.training import distributed as dist_utils
+
+
+class TimeBudget:
+    def __init__(self, budget_s: float, start_step: int, warm: int = 10, probe: int = 20, margin: float = 0.97) -> None:
+        if budget_s <= 0:
+            raise ValueError(f"trainer.time_budget_s must be > 0 seconds, got {budget_s}")
+        self.budget_s, self.margin = float(budget_s), margin
+        self.t_run = time.perf_counter()
+        self.probe_from, self.probe_to = start_step + warm, start_step + warm + probe
+        self.t_probe: float | None = None
+        self.done = False
+
+    @classmethod
+    def from_config(cls, tcfg, resume_dir) -> TimeBudget | None:
+        budget = tcfg.get("time_budget_s")
+        if budget is None:
+            return None
+        if resume_dir is not None:
+            raise ValueError("trainer.time_budget_s cannot be combined with resume: the schedule of the run being "
+                             "resumed is fixed by its step count; resume with trainer.steps=<the run's total> instead")
+        if tcfg.get("stop_at") is not None:
+            raise ValueError("trainer.time_budget_s and trainer.stop_at both set: use one of them")
+        return cls(float(budget), 0)
+
+    def after_step(self, step: int, info: dist_utils.DistInfo, total_steps: int) -> int | None:
+        """Call after every optimizer step (``step`` = steps done). Returns the new total once, when the
+        probe ends and the budget needs fewer than ``total_steps``; else None."""
+        if self.done:
+            return None
+        if step == self.probe_from:
+            dist_utils.barrier(info)
+            self.t_probe = time.perf_counter()
+            return None
+        if step < self.probe_to or self.t_probe is None:
+            return None
+        self.done = True
+        now = time.perf_counter()
+        rate = (self.probe_to - self.probe_from) / max(now - self.t_probe, 1e-9)  # steps/s
+        left = self.budget_s * self.margin - (now - self.t_run)
+        fit = step + max(1, int(left * rate))
+        fit = int(dist_utils.all_reduce_mean(info, {"fit": float(fit)})["fit"])  # ranks agree
+        self.rate, self.fit = rate, fit
+        return fit if fit < total_steps else None
