@@ -1064,6 +1064,7 @@ class VLA(nn.Module):
                         h = self.action["inp"](x[k])  # (B, H, Wa), as embed_actions
                     else:
                         h = self.frame["inp"](x[k]) + self.frame["pos"].weight[None]  # (B, P, Wf), as embed_frame
+                    h = h.float()  # fp32 residual stream under autocast, as in _run
                     parts.append(h if e.adaptive else h + conds[k][i])  # dense: time joins the tokens, as in _run
                 xs.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))  # (B, n_g, W)
             for li in range(cfg.n_layers):

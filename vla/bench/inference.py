@@ -115,6 +115,16 @@ def matmul_peak(sizes: list[int], device, dtype) -> dict[str, float]:
     return out
 
 
+_T0 = time.perf_counter()
+
+
+def _note(stage: str) -> None:
+    """Progress on stderr (which stage, seconds since start): a slow row shows where its time goes."""
+    import sys
+
+    print(f"bench inference: {stage} at {time.perf_counter() - _T0:.1f} s", file=sys.stderr, flush=True)
+
+
 def _kernel_count(fn, device) -> int | None:
     """CUDA kernels launched by one call of ``fn`` (torch.profiler; None off CUDA or without CUPTI)."""
     import torch
@@ -214,7 +224,9 @@ def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float, b:
 
     n_params = sum(p.numel() for p in model.parameters())
     n_prefix = cfg.num_views * (size // cfg.patch_size) ** 2 + int(im.sum(1).max())
+    _note("cached")
     cached = median_of(with_plan, True, False)
+    _note("uncached")
     uncached = median_of(with_plan, False, False)
     with autocast:
         flops_cached = count_flops(lambda: model.sample(with_plan, noise=noise, use_cache=True))
@@ -234,6 +246,7 @@ def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float, b:
     }
     if args["kernels"]:
         result["kernels_per_chunk"] = {"cached": _kernel_count(lambda: run(with_plan, True, False, False), device)}
+    _note("graphs")
     if args["graphs"]:
         try:
             result.update(_bench_graphs(model, cfg, args, run, median_of, with_plan, batch, cached, flops_cached,
@@ -250,6 +263,7 @@ def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float, b:
         result["vs_baseline"] = bench_vs_baseline(model, args, with_plan, batch if cfg.planner else None, noise,
                                                   flops_cached, peak_gflops, autocast, device)
     if cfg.planner:
+        _note("plan decode")
         decoded = median_of(batch, True, True)
         _, _, out = run(batch, True, True)
         result["plan_decode"] = {"plan_s": decoded["plan_s"], "plan_tokens": int(out["plan_tokens"].shape[1]),
