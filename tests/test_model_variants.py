@@ -186,3 +186,33 @@ def test_train_benchmark_interleaves_bf16_variants_and_reports_ratios(capsys):
     assert report["overrides"] == ["model.patch_size=4"]
     with pytest.raises(FileNotFoundError, match="store=/no/such.zarr does not exist"):
         train.main(["store=/no/such.zarr"])
+
+
+def test_state_dropout_hides_the_state_in_training_and_one_means_no_state():
+    from model_helpers import model_batch, tiny_config
+
+    from vla.model import VLA
+
+    torch.manual_seed(0)
+    model = VLA(tiny_config(state_dropout=0.5))
+    state = torch.randn(64, model.cfg.state_dim)
+    model.train()
+    seen = model.state_input(state)
+    zeroed = (seen == 0).all(1)
+    assert 10 < int(zeroed.sum()) < 54  # about half, per sample
+    assert torch.equal(seen[~zeroed], state[~zeroed])
+    model.eval()
+    assert torch.equal(model.state_input(state), state)  # inference reads the state
+
+    none = VLA(tiny_config(state_dropout=1.0)).eval()
+    batch = model_batch(none.cfg)
+    noise = torch.randn(batch["state"].shape[0], none.cfg.horizon, none.cfg.action_dim)
+    a = none.sample(batch, noise=noise, decode_plan=False)["actions"].clone()
+    b = none.sample(dict(batch, state=batch["state"] + 5), noise=noise, decode_plan=False)["actions"]
+    assert torch.equal(a, b)  # 1.0: the state never reaches the model
+    with_state = VLA(tiny_config()).eval()
+    with_state.load_state_dict(none.state_dict())
+    c = with_state.sample(dict(batch, state=batch["state"] + 5), noise=noise, decode_plan=False)["actions"]
+    assert not torch.equal(a, c)
+    with pytest.raises(ValueError, match="state_dropout must be in"):
+        tiny_config(state_dropout=1.5)

@@ -655,7 +655,7 @@ class VLA(nn.Module):
         parts = [patches.reshape(b, -1, cfg.d_model), text]  # (B, V*Np, D) (B, Li, D)
         valid = [torch.ones(parts[0].shape[:2], dtype=torch.bool, device=img.device), batch["instruction_mask"]]
         if cfg.action_head == "discrete":  # the vlm reads the state itself
-            parts.append(v["state"](batch["state"])[:, None])  # (B, 1, D)
+            parts.append(v["state"](self.state_input(batch["state"]))[:, None])  # (B, 1, D)
             valid.append(torch.ones(b, 1, dtype=torch.bool, device=img.device))
         return Segment("vlm", torch.cat(parts, 1), PREFIX, False, torch.cat(valid, 1))
 
@@ -701,8 +701,21 @@ class VLA(nn.Module):
         logits[..., pv.plan_id] = float("-inf")
         return logits
 
+    def state_input(self, state: torch.Tensor) -> torch.Tensor:
+        """The proprioceptive state as the model reads it: with ``state_dropout`` p, training zeroes each
+        sample's state with chance p (so the actions must come from the images too: a policy that can
+        read the hand position learns phase timing from it and under-uses vision, as the tabletop runs
+        showed); p = 1 means no state at all, also at inference."""
+        p = self.cfg.state_dropout
+        if p >= 1.0:
+            return torch.zeros_like(state)
+        if p > 0.0 and self.training:
+            keep = torch.rand(state.shape[0], 1, device=state.device) >= p  # (B, 1)
+            return state * keep.to(state.dtype)
+        return state
+
     def embed_state(self, state: torch.Tensor) -> Segment:
-        x = self.action["state"](state)[:, None]  # (B, 1, Wa); no time cond, so it can be cached
+        x = self.action["state"](self.state_input(state))[:, None]  # (B, 1, Wa); no time cond, so it can be cached
         return Segment("action", x, STATE, False, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
 
     def embed_actions(self, x_t: torch.Tensor, t: torch.Tensor) -> Segment:

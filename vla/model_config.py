@@ -27,6 +27,7 @@ class VLAConfig:
     vision: str = "patch"  # patch: one linear map per raw patch (ViT) | conv: a strided conv stem per view
     vision_film: bool = False  # conv only: the instruction scales/shifts the stem's features (FiLM)
     vision_coords: bool = False  # conv only: x/y coordinate channels join the pixels (CoordConv)
+    state_dropout: float = 0.0  # training: each sample's state input is zeroed with this chance; 1.0 = no state at all
     n_obs_steps: int = 1
     horizon: int = 16
     d_model: int = 128
@@ -86,6 +87,9 @@ class VLAConfig:
                              f"got {self.patch_size}")
         if self.frame != "off" and self.frame_size % self.patch_size:
             raise ValueError(f"VLAConfig.frame_size {self.frame_size} is not divisible by patch_size {self.patch_size}")
+        if not 0.0 <= float(self.state_dropout) <= 1.0:
+            raise ValueError(f"VLAConfig.state_dropout must be in [0, 1] (a probability), got {self.state_dropout!r}")
+        self.state_dropout = float(self.state_dropout)
         if self.head_dim % 2:
             raise ValueError(f"VLAConfig.head_dim must be even (rotary embeddings), got {self.head_dim}")
         for width in ("d_model", "action_width", "frame_width"):
