@@ -380,7 +380,8 @@ def bench_plan_vocabs(name: str, args: dict[str, Any], device) -> dict[str, Any]
     for vocab in args["plan_vocabs"]:
         extra = {"plan_vocab": vocab, "plan_words": words} if vocab == "words" else {}
         cfg = VLAConfig.from_dict(mcfg, cameras=[f"cam{i}" for i in range(int(args["cameras"][0]))],
-                                  image_size=size, state_dim=4, action_dim=4, planner=True, max_plan_tokens=lengths[vocab], **extra)
+                                  image_size=size, state_dim=4, action_dim=4, planner=True,
+                                  max_plan_tokens=lengths[vocab], **extra)
         torch.manual_seed(0)
         model = VLA(cfg).to(device).eval()
         norm = Normalizer({k: {s: np.asarray(v, np.float32) for s, v in d.items()} for k, d in stats.items()})
