@@ -60,7 +60,8 @@ def _reference_cached(model: VLA, batch: dict, noise: torch.Tensor, steps: int) 
     return euler_integrate(velocity, noise, steps)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(experts="dense"), dict(knowledge_insulation=True)])
+@pytest.mark.parametrize("kw", [{}, dict(experts="dense"), dict(knowledge_insulation=True),
+                                dict(vision="conv", vision_keypoints=4, image_size=16, patch_size=4)])
 @pytest.mark.parametrize("n", [1, B])
 def test_fast_cached_actions_equal_the_per_step_reference(kw, n):
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from model_helpers import model_batch, tiny_config
 
-from vla.model import VLA, ConvStem
+from vla.model import VLA, ConvStem, SpatialSoftmax
 from vla.model_config import conv_strides
 
 
@@ -91,3 +91,45 @@ def test_coord_channels_tell_identical_patches_apart_by_position():
     assert out["actions"].shape[0] == 3
     with pytest.raises(ValueError, match=r"vision_coords=true needs vision='conv' \(coordinate channels"):
         tiny_config(vision_coords=True)
+
+
+def test_spatial_softmax_finds_where_a_detector_fires():
+    kp = SpatialSoftmax(channels=1, keypoints=1, width=8)
+    with torch.no_grad():
+        kp.score.weight.fill_(1.0)
+        kp.score.bias.zero_()
+        kp.log_temperature.fill_(-3.0)  # sharp: the mean sits on the peak
+    x = torch.zeros(2, 1, 8, 8)
+    x[0, 0, 2, 5] = 10.0  # row 2, column 5
+    x[1, 0, 7, 0] = 10.0  # bottom-left corner
+    grid = torch.linspace(-1, 1, 8)
+    pts = kp.points(x)  # (2, 1, 2)
+    assert torch.allclose(pts[0, 0], torch.stack([grid[5], grid[2]]), atol=1e-3)
+    assert torch.allclose(pts[1, 0], torch.tensor([-1.0, 1.0]), atol=1e-3)
+    assert kp(x).shape == (2, 1, 8)
+
+
+def test_keypoints_add_one_token_per_view_that_follows_the_object():
+    cfg = tiny_config(vision="conv", vision_keypoints=4, image_size=16, patch_size=4)
+    assert cfg.tokens_per_view == 4 * 4 + 1 and cfg.num_image_tokens == cfg.num_views * 17
+    torch.manual_seed(0)
+    model = VLA(cfg)
+    stem = model.vlm["patch"]
+    assert stem.keypoint_stage == 1  # the map at 1/4 resolution
+    img = torch.zeros(2, 3, 16, 16)
+    img[0, :, 2:4, 2:4] = 1.0  # the same square, top-left in image 0, bottom-right in image 1
+    img[1, :, 12:14, 12:14] = 1.0
+    out = stem(img)  # (2, 17, D)
+    assert out.shape == (2, 17, cfg.d_model)
+    assert not torch.allclose(out[0, -1], out[1, -1], atol=1e-5)  # the keypoint token moved with the square
+    batch = model_batch(cfg)
+    assert model.embed_prefix(batch).x.shape[1] == cfg.num_image_tokens + batch["instruction_tokens"].shape[1]
+    loss = model.compute_loss(batch)["loss"]
+    loss.backward()
+    assert stem.keypoints.score.weight.grad.abs().sum() > 0  # the detectors learn from the action loss
+    obs = {k: v for k, v in batch.items() if k not in ("actions", "plan_tokens", "plan_mask")}
+    assert model.eval().sample(obs)["actions"].shape[0] == batch["actions"].shape[0]
+    with pytest.raises(ValueError, match=r"vision_keypoints=4 needs vision='conv'"):
+        tiny_config(vision_keypoints=4)
+    with pytest.raises(ValueError, match=r"vision_keypoints must be an int >= 0"):
+        tiny_config(vision="conv", vision_keypoints=-1, image_size=16, patch_size=4)

@@ -174,12 +174,13 @@ class ConvStem(nn.Module):
     """
 
     def __init__(self, strides: list[int], width: int, base: int = 32, film: bool = False,
-                 coords: bool = False) -> None:
+                 coords: bool = False, keypoints: int = 0) -> None:
         super().__init__()
         self.convs = nn.ModuleList()
         self.films = nn.ModuleList() if film else None
         self.coords = coords
         c_in = 5 if coords else 3
+        self.keypoint_stage, stride = len(strides) - 1, 1
         for i, s in enumerate(strides):
             c_out = min(base * 2 ** i, width)
             # No normalization over the image (GroupNorm/BatchNorm): a token must depend on its own
@@ -187,8 +188,15 @@ class ConvStem(nn.Module):
             self.convs.append(nn.Conv2d(c_in, c_out, 3, stride=s, padding=1 if s == 2 else 0))
             if self.films is not None:
                 self.films.append(nn.Linear(width, 2 * c_out))
+            stride *= s
+            if stride >= 4 and self.keypoint_stage == len(strides) - 1 and i < len(strides) - 1:
+                self.keypoint_stage = i  # the first map at 1/4 resolution (24 x 24 at 96 px)
             c_in = c_out
         self.out = nn.Conv2d(c_in, width, 1)
+        self.keypoints = None
+        if keypoints:
+            c_kp = self.convs[self.keypoint_stage].out_channels
+            self.keypoints = SpatialSoftmax(c_kp, keypoints, width)
 
     def forward(self, img: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         x = img  # (N, 3, H, W)
@@ -197,13 +205,48 @@ class ConvStem(nn.Module):
             ys = torch.linspace(-1, 1, h, device=img.device, dtype=img.dtype)[:, None].expand(h, w)
             xs = torch.linspace(-1, 1, w, device=img.device, dtype=img.dtype)[None, :].expand(h, w)
             x = torch.cat([img, torch.stack([xs, ys]).expand(n, 2, h, w)], 1)  # (N, 5, H, W)
+        kp = None
         for i, conv in enumerate(self.convs):
             x = conv(x)  # (N, C, h, w)
             if self.films is not None and cond is not None:
                 scale, shift = self.films[i](cond).chunk(2, dim=-1)  # (N, C) x2
                 x = x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
             x = F.gelu(x, approximate="tanh")
-        return self.out(x).flatten(2).transpose(1, 2)  # (N, Np, D)
+            if self.keypoints is not None and i == self.keypoint_stage:
+                kp = self.keypoints(x)  # (N, 1, D)
+        tokens = self.out(x).flatten(2).transpose(1, 2)  # (N, Np, D)
+        return tokens if kp is None else torch.cat([tokens, kp], 1)  # (N, Np [+1], D)
+
+
+class SpatialSoftmax(nn.Module):
+    """K keypoints of a feature map as one token: where each of K learnt detectors fires, to sub-pixel precision.
+
+    A 1x1 conv scores every location for K detectors; a softmax over the locations (learnt temperature)
+    turns each score map into a distribution whose mean (x, y) in [-1, 1] is the keypoint (Levine et al.
+    2016; the image encoder of Diffusion Policy). Tokens of 16 px patches say *what* is in a patch and,
+    with CoordConv, roughly where; the keypoints hand the action expert coordinates. Under FiLM the
+    detectors see instruction-modulated features, so a detector can follow the object the words name.
+    (N, C, h, w) -> (N, 1, D).
+    """
+
+    def __init__(self, channels: int, keypoints: int, width: int) -> None:
+        super().__init__()
+        self.score = nn.Conv2d(channels, keypoints, 1)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+        self.proj = nn.Linear(2 * keypoints, width)
+
+    def points(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) -> (N, K, 2): each detector's expected (x, y), -1 = left/top edge, +1 = right/bottom."""
+        _, _, h, w = x.shape
+        logits = self.score(x).flatten(2).float() / self.log_temperature.float().exp()  # (N, K, h*w)
+        prob = logits.softmax(-1)
+        ys = torch.linspace(-1, 1, h, device=x.device)[:, None].expand(h, w).reshape(-1)  # (h*w,)
+        xs = torch.linspace(-1, 1, w, device=x.device)[None, :].expand(h, w).reshape(-1)
+        return torch.stack([prob @ xs, prob @ ys], -1)  # (N, K, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pts = self.points(x)  # (N, K, 2)
+        return self.proj(pts.flatten(1).to(self.proj.weight.dtype))[:, None]  # (N, 1, D)
 
 
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
@@ -496,8 +539,9 @@ class VLA(nn.Module):
         h, w = cfg.image_hw
         self.vlm = nn.ModuleDict({
             "patch": (nn.Linear(3 * p * p, d) if cfg.vision == "patch"
-                      else ConvStem(conv_strides(p), d, film=cfg.vision_film, coords=cfg.vision_coords)),
-            "patch_pos": nn.Embedding((h // p) * (w // p), d),  # 2D position of a patch in its view
+                      else ConvStem(conv_strides(p), d, film=cfg.vision_film, coords=cfg.vision_coords,
+                                    keypoints=cfg.vision_keypoints)),
+            "patch_pos": nn.Embedding(cfg.tokens_per_view, d),  # 2D position of a patch in its view (+ keypoints)
             "view": nn.Embedding(cfg.num_views, d),  # camera x history step
             "embed": nn.Embedding(self.tok.vocab_size, d),  # tied with the LM head
             "expert": Expert(cfg, d, adaptive=False),
@@ -867,7 +911,7 @@ class VLA(nn.Module):
         words = None
         if cfg.planner:
             if self.plan_vocab is not None:
-                n_img = cfg.num_views * (cfg.image_hw[0] // cfg.patch_size) * (cfg.image_hw[1] // cfg.patch_size)
+                n_img = cfg.num_image_tokens
                 n_text = batch["instruction_tokens"].shape[1]
                 words = self.instruction_words(batch, segs[0].x[:, n_img:n_img + n_text])
             segs.append(self.embed_plan(batch["plan_tokens"], batch["plan_mask"], words))
@@ -944,7 +988,7 @@ class VLA(nn.Module):
         prefix = self.embed_prefix(batch)
         words = None
         if cfg.planner and self.plan_vocab is not None:
-            n_img = cfg.num_views * (cfg.image_hw[0] // cfg.patch_size) * (cfg.image_hw[1] // cfg.patch_size)
+            n_img = cfg.num_image_tokens
             words = self.instruction_words(batch, prefix.x[:, n_img:n_img + batch["instruction_tokens"].shape[1]])
         # room in the KV buffers for every token run after the prefix: plan, state, actions, frame
         n_frame = (cfg.frame_size // cfg.patch_size) ** 2 if cfg.frame != "off" else 0
@@ -1117,7 +1161,7 @@ class VLA(nn.Module):
         ctx = [self.embed_prefix(batch)]
         words = None
         if cfg.planner and self.plan_vocab is not None:
-            n_img = cfg.num_views * (cfg.image_hw[0] // cfg.patch_size) * (cfg.image_hw[1] // cfg.patch_size)
+            n_img = cfg.num_image_tokens
             words = self.instruction_words(batch, ctx[0].x[:, n_img:n_img + batch["instruction_tokens"].shape[1]])
         clock.lap("prefix_s")
         plan_tokens = None

@@ -27,6 +27,7 @@ class VLAConfig:
     vision: str = "patch"  # patch: one linear map per raw patch (ViT) | conv: a strided conv stem per view
     vision_film: bool = False  # conv only: the instruction scales/shifts the stem's features (FiLM)
     vision_coords: bool = False  # conv only: x/y coordinate channels join the pixels (CoordConv)
+    vision_keypoints: int = 0  # conv only: K spatial-softmax keypoints per view, one more token per view (0 = off)
     state_dropout: float = 0.0  # training: each sample's state input is zeroed with this chance; 1.0 = no state at all
     n_obs_steps: int = 1
     horizon: int = 16
@@ -87,6 +88,12 @@ class VLAConfig:
                              f"got {self.patch_size}")
         if self.frame != "off" and self.frame_size % self.patch_size:
             raise ValueError(f"VLAConfig.frame_size {self.frame_size} is not divisible by patch_size {self.patch_size}")
+        k = self.vision_keypoints
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"VLAConfig.vision_keypoints must be an int >= 0 (0 = off), got {k!r}")
+        if k and self.vision != "conv":
+            raise ValueError(f"VLAConfig.vision_keypoints={k} needs vision='conv' (keypoints of the conv stem's "
+                             f"feature maps), got vision={self.vision!r}")
         if not 0.0 <= float(self.state_dropout) <= 1.0:
             raise ValueError(f"VLAConfig.state_dropout must be in [0, 1] (a probability), got {self.state_dropout!r}")
         self.state_dropout = float(self.state_dropout)
@@ -137,6 +144,17 @@ class VLAConfig:
     @property
     def num_views(self) -> int:
         return len(self.cameras) * self.n_obs_steps
+
+    @property
+    def tokens_per_view(self) -> int:
+        """Image tokens of one view: its patches, then (with ``vision_keypoints``) one keypoint token."""
+        h, w = self.image_hw
+        return (h // self.patch_size) * (w // self.patch_size) + (1 if self.vision_keypoints else 0)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens at the head of the prefix: every view's `tokens_per_view`."""
+        return self.num_views * self.tokens_per_view
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

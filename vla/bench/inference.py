@@ -223,7 +223,7 @@ def bench_preset(name: str, args: dict[str, Any], device, peak_gflops: float, b:
         return res
 
     n_params = sum(p.numel() for p in model.parameters())
-    n_prefix = cfg.num_views * (size // cfg.patch_size) ** 2 + int(im.sum(1).max())
+    n_prefix = cfg.num_image_tokens + int(im.sum(1).max())
     _note("cached")
     cached = median_of(with_plan, True, False)
     _note("uncached")
