@@ -536,7 +536,6 @@ class VLA(nn.Module):
         self.tok = ByteTokenizer(cfg.action_bins)
         d, p = cfg.d_model, cfg.patch_size
         dense = cfg.experts == "dense"
-        h, w = cfg.image_hw
         self.vlm = nn.ModuleDict({
             "patch": (nn.Linear(3 * p * p, d) if cfg.vision == "patch"
                       else ConvStem(conv_strides(p), d, film=cfg.vision_film, coords=cfg.vision_coords,
