@@ -10,6 +10,11 @@ One sample per step t of every selected episode (global row r, episode rows [s, 
 - ``subtask``      the label at t; ``plan`` the remaining *distinct consecutive* labels from t
                    to the episode end joined by "; " (labels a,a,b,b,c: t=1 -> "a; b; c",
                    t=3 -> "b; c"); ``instruction``, ``task``, ``episode``, ``step`` (t).
+- ``goal_state``   f32[S]                    the state at the episode's next gripper switch after t
+                   (the first row k > r whose gripper command, the action's last entry, has the
+                   other sign than at row k - 1: where the hand grasps or lets go), else at e - 1.
+                   The auxiliary target of ``model.goal_loss_weight``: where the named object or
+                   receptacle is, read from the demonstration's own future.
 
 Speed: all index math is precomputed per row as numpy arrays, plan strings are interned per
 (episode, segment), and ``__getitems__`` (used by torch's DataLoader for batched fetching)
@@ -50,6 +55,7 @@ class WindowBatch(Sequence):
         return {
             "images": {cam: v[i] for cam, v in a["images"].items()},
             "state": a["state"][i],
+            "goal_state": a["goal_state"][i],
             "action": a["action"][i],
             "action_is_pad": a["action_is_pad"][i],
             "instruction": a["instruction"][i],
@@ -65,7 +71,7 @@ class WindowBatch(Sequence):
 
 def collate_windows(batch: WindowBatch | Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Collate windows into tensors: images u8[B, n_obs, H, W, 3], state f32[B, n_obs, S],
-    action f32[B, horizon, A], action_is_pad bool[B, horizon], future_image u8[B, H, W, 3],
+    goal_state f32[B, S], action f32[B, horizon, A], action_is_pad bool[B, horizon], future_image u8[B, H, W, 3],
     future_is_pad bool[B], episode/step int64[B]; strings stay lists of str."""
     import torch
 
@@ -78,12 +84,13 @@ def collate_windows(batch: WindowBatch | Sequence[dict[str, Any]]) -> dict[str, 
         a = {
             "images": {cam: np.stack([s["images"][cam] for s in samples]) for cam in samples[0]["images"]},
             **{k: np.stack([np.asarray(s[k]) for s in samples]) for k in
-               ("state", "action", "action_is_pad", "future_image", "future_is_pad", "episode", "step")},
+               ("state", "goal_state", "action", "action_is_pad", "future_image", "future_is_pad", "episode", "step")},
             **{k: [s[k] for s in samples] for k in ("instruction", "subtask", "plan", "task")},
         }
     return {
         "images": {cam: torch.from_numpy(np.ascontiguousarray(v)) for cam, v in a["images"].items()},
         "state": torch.from_numpy(np.ascontiguousarray(a["state"], np.float32)),
+        "goal_state": torch.from_numpy(np.ascontiguousarray(a["goal_state"], np.float32)),
         "action": torch.from_numpy(np.ascontiguousarray(a["action"], np.float32)),
         "action_is_pad": torch.from_numpy(np.ascontiguousarray(a["action_is_pad"], np.bool_)),
         "future_image": torch.from_numpy(np.ascontiguousarray(a["future_image"])),
@@ -160,6 +167,21 @@ class WindowDataset(_TorchDataset):
         self._instr = np.array(store.episode_instructions, dtype=object)  # (E,)
         self._task = np.array(store.episode_tasks, dtype=object)  # (E,)
         self._subtask_table = np.array(store.subtask_table, dtype=object)
+        self._goal_row = self._gripper_switch_rows(starts_all[eps], ends_all[eps])  # (M,)
+
+    def _gripper_switch_rows(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Per sample row r: the first row k > r of its episode where the gripper command (the last
+        action entry, closed when > 0) differs from row k - 1's, else the episode's last row."""
+        closed = self._action[:, -1] > 0  # (N,)
+        goal = np.empty(len(self._row), np.int64)  # (M,)
+        pos = 0
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            switch = s + 1 + np.flatnonzero(closed[s + 1:e] != closed[s:e - 1])  # (K,) rows where it changes
+            rows = np.arange(s, e)
+            k = np.searchsorted(switch, rows, side="right")  # first switch row > r
+            goal[pos:pos + e - s] = np.append(switch, e - 1)[k]
+            pos += e - s
+        return goal
 
     def _build_plans(self, subtask, eps, starts, ends) -> tuple[np.ndarray, np.ndarray]:
         """Per-row plan id into a table of plan strings (one per (episode, label segment))."""
@@ -240,6 +262,7 @@ class WindowDataset(_TorchDataset):
         arrays = {
             "images": images,
             "state": self._state[obs_rows],  # (B, n_obs, S)
+            "goal_state": self._state[self._goal_row[idx]],  # (B, S)
             "action": self._action[act_rows],  # (B, horizon, A)
             "action_is_pad": act_pad,
             "future_image": future,

@@ -216,3 +216,42 @@ def test_state_dropout_hides_the_state_in_training_and_one_means_no_state():
     assert not torch.equal(a, c)
     with pytest.raises(ValueError, match="state_dropout must be in"):
         tiny_config(state_dropout=1.5)
+
+
+def test_goal_head_learns_the_goal_state_and_its_gradient_reaches_the_images():
+    from model_helpers import model_batch, tiny_config
+
+    from vla.model import VLA
+
+    torch.manual_seed(0)
+    model = VLA(tiny_config(goal_loss_weight=0.5, vision="conv"))
+    batch = model_batch(model.cfg)
+    batch["goal_state"] = torch.randn(batch["state"].shape[0], model.cfg.state_dim)
+    losses = model.compute_loss(batch)
+    plain = {k: v for k, v in losses.items() if k != "goal_loss"}
+    total = plain["plan_loss"] + plain["action_loss"] + 0.5 * losses["goal_loss"]
+    assert torch.allclose(losses["loss"], total)
+    losses["goal_loss"].backward()
+    stem = [p.grad for n, p in model.named_parameters() if n.startswith("vlm.patch.")]
+    assert stem and any(g is not None and g.abs().sum() > 0 for g in stem)  # it trains the vision side
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in model.named_parameters()
+               if n.startswith("action.out") or n.startswith("action.inp"))  # not the action read-out
+
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        opt.zero_grad()
+        loss = model.compute_loss(batch)["goal_loss"]
+        first = float(loss) if first is None else first
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.1 * first  # the head fits three goals
+
+    with pytest.raises(ValueError, match="needs batch\\['goal_state'\\]"):
+        model.compute_loss({k: v for k, v in batch.items() if k != "goal_state"})
+    assert "goal" not in VLA(tiny_config()).action  # off by default: no head, no loss key
+    assert "goal_loss" not in VLA(tiny_config()).compute_loss(model_batch(tiny_config()))
+    with pytest.raises(ValueError, match="goal_loss_weight must be a number >= 0"):
+        tiny_config(goal_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="needs action_head='flow'"):
+        tiny_config(goal_loss_weight=1.0, action_head="discrete")

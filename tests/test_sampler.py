@@ -141,3 +141,24 @@ def test_in_memory_store_and_workers_agree(tmp_path, store):
     for g, w in zip(got, want):
         assert torch.equal(g["action"], w["action"]) and torch.equal(g["images"]["wrist"], w["images"]["wrist"])
         assert g["plan"] == w["plan"]
+
+
+def test_goal_state_is_the_state_at_the_next_gripper_switch(tmp_path):
+    # Gripper command (last action entry) per step: open, open, closed, closed, closed, open, open
+    # -> switches at t=2 (grasp) and t=5 (release); after the last switch: the episode's last row.
+    grip = np.array([-1, -1, 1, 1, 1, -1, -1], np.float32)
+    with open_writer(tmp_path / "g") as w:
+        for e in range(2):
+            ep = make_episode(e, len(grip))
+            ep["action"][:, -1] = grip if e == 0 else -grip
+            ep["state"] = np.repeat(np.arange(len(grip), dtype=np.float32)[:, None] + 100 * e, S, 1)
+            w.add_episode(**ep)
+    ds = WindowDataset(EpisodeStore(tmp_path / "g"), horizon=2)
+    goal = collate_windows(ds.__getitems__(list(range(len(ds)))))["goal_state"]  # (14, S)
+    assert goal.shape == (14, S) and goal.dtype == torch.float32
+    want_t = [2, 2, 5, 5, 5, 6, 6]  # the same switch rows whichever sign "closed" starts with
+    assert goal[:, 0].tolist() == want_t + [100 + t for t in want_t]
+    assert goal[3].tolist() == [5.0] * S  # every state entry of that row
+    # an episode whose gripper never switches: the goal is its last state
+    sel = WindowDataset(EpisodeStore(tmp_path / "g"), horizon=2, episodes=[1])
+    assert sel[0]["goal_state"][0] == 102.0 and sel[6]["goal_state"][0] == 106.0

@@ -554,6 +554,8 @@ class VLA(nn.Module):
                                          "time": TimeMLP(wa), "out": nn.Linear(wa, cfg.action_dim)})
             if not dense:
                 self.action["expert"] = Expert(cfg, wa, adaptive=True)
+            if cfg.goal_loss_weight > 0:  # auxiliary: the state token predicts where the hand grasps/lets go next
+                self.action["goal"] = nn.Linear(wa, cfg.state_dim)
         if cfg.frame != "off":
             wf, pf = (d if dense else cfg.frame_width), (cfg.frame_size // p) ** 2
             self.frame = nn.ModuleDict({"inp": nn.Linear(3 * p * p, wf), "pos": nn.Embedding(pf, wf),
@@ -897,7 +899,7 @@ class VLA(nn.Module):
     # ------------------------------------------------------------------------------- training
     def compute_loss(self, batch: Mapping[str, torch.Tensor], per_sample: bool = False) -> dict[str, torch.Tensor]:
         """Losses of one batch from `Processor.training_batch`: loss, plan_loss, action_loss, frame_loss
-        (scalars); ``per_sample`` adds ``action_loss_per_sample`` (B,), detached, for per-task metrics.
+        (scalars; with ``goal_loss_weight`` also goal_loss, the goal head's error); ``per_sample`` adds ``action_loss_per_sample`` (B,), detached, for per-task metrics.
 
         Optional batch keys fix the flow randomness (tests, reproducible evaluation): ``noise`` (B, H, A),
         ``time`` (B,), ``frame_noise`` (B, 3, s, s), ``frame_time`` (B,; ignored with ``frame: condition``).
@@ -918,6 +920,7 @@ class VLA(nn.Module):
         if cfg.action_head == "flow":
             noise = batch["noise"] if "noise" in batch else torch.randn_like(actions)
             x_t, u = interpolate(actions, noise, t)  # (B, H, A) x2
+            state_seg = len(segs)
             segs += [self.embed_state(batch["state"]), self.embed_actions(x_t, t)]
         else:
             target = self.tok.actions_to_tokens(actions).reshape(b, -1)  # (B, H*A)
@@ -933,6 +936,12 @@ class VLA(nn.Module):
         outs, _ = self._run(segs)
         zero = actions.new_zeros(())
         losses = {"plan_loss": zero, "action_loss": zero, "frame_loss": zero}
+        if cfg.goal_loss_weight > 0:
+            if "goal_state" not in batch:
+                raise ValueError(f"VLA.compute_loss: goal_loss_weight={cfg.goal_loss_weight} needs batch['goal_state'] "
+                                 f"(B, state_dim={cfg.state_dim}), normalized like the state; got keys {sorted(batch)}")
+            goal = self.action["goal"](outs[state_seg][:, 0])  # (B, S)
+            losses["goal_loss"] = (goal - batch["goal_state"]).pow(2).mean()
         if cfg.planner:
             logits = self.plan_logits(outs[1][:, :-1], words)  # (B, Lp-1, V)
             m = batch["plan_mask"][:, 1:]
@@ -957,6 +966,8 @@ class VLA(nn.Module):
             losses["frame_loss"] = (ferr * ok).sum() / ok.sum().clamp_min(1)
         losses["loss"] = (cfg.plan_loss_weight * losses["plan_loss"] + losses["action_loss"]
                           + cfg.frame_loss_weight * losses["frame_loss"])
+        if cfg.goal_loss_weight > 0:
+            losses["loss"] = losses["loss"] + cfg.goal_loss_weight * losses["goal_loss"]
         return losses
 
     # ------------------------------------------------------------------------------- inference

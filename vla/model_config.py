@@ -29,6 +29,7 @@ class VLAConfig:
     vision_coords: bool = False  # conv only: x/y coordinate channels join the pixels (CoordConv)
     vision_keypoints: int = 0  # conv only: K spatial-softmax keypoints per view, one more token per view (0 = off)
     state_dropout: float = 0.0  # training: each sample's state input is zeroed with this chance; 1.0 = no state at all
+    goal_loss_weight: float = 0.0  # flow only: weight of the goal head's loss (state at the next gripper switch); 0 = off
     n_obs_steps: int = 1
     horizon: int = 16
     d_model: int = 128
@@ -97,6 +98,13 @@ class VLAConfig:
         if not 0.0 <= float(self.state_dropout) <= 1.0:
             raise ValueError(f"VLAConfig.state_dropout must be in [0, 1] (a probability), got {self.state_dropout!r}")
         self.state_dropout = float(self.state_dropout)
+        g = self.goal_loss_weight
+        if isinstance(g, bool) or not isinstance(g, int | float) or not g >= 0.0:
+            raise ValueError(f"VLAConfig.goal_loss_weight must be a number >= 0 (0 = no goal head), got {g!r}")
+        self.goal_loss_weight = float(g)
+        if g and self.action_head != "flow":
+            raise ValueError(f"VLAConfig.goal_loss_weight={g} needs action_head='flow' (the goal head reads the state "
+                             f"token of the action expert), got action_head={self.action_head!r}")
         if self.head_dim % 2:
             raise ValueError(f"VLAConfig.head_dim must be even (rotary embeddings), got {self.head_dim}")
         for width in ("d_model", "action_width", "frame_width"):

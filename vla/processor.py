@@ -14,6 +14,8 @@ env observations) and `vla.model.VLA`. It owns every conversion the model must n
               -1 for none; inference batches carry ``instruction_text``, the strings, to spell copies)
               (text longer than ``max_instruction_tokens`` / ``max_plan_tokens`` is truncated)
     actions   f32 [B, H, A] raw -> normalized; ``action_is_pad`` bool [B, H]
+    goal      ``goal_state`` f32 [B, S] raw -> normalized like the state (only with
+              ``goal_loss_weight`` > 0: the target of the goal head)
     future    u8 [B, H, W, 3] -> ``future_frame`` f32 [B, 3, frame_size, frame_size] in [-1, 1]
               (area-resized); ``future_is_pad`` bool [B]
 
@@ -188,6 +190,14 @@ class Processor:
                                                                        instructions)
             if self.plan_vocab is not None:
                 out["instruction_word_pos"] = self.instruction_word_pos(instructions, device)
+        if cfg.goal_loss_weight > 0:
+            if "goal_state" not in batch:
+                raise ValueError(f"training_batch: model.goal_loss_weight={cfg.goal_loss_weight} needs the key "
+                                 f"'goal_state' (WindowDataset gives it); got {sorted(batch)}")
+            goal = _tensor(batch["goal_state"], "goal_state").float()
+            if tuple(goal.shape) != (b, cfg.state_dim):
+                raise ValueError(f"goal_state: expected float [B={b}, S={cfg.state_dim}], got shape {tuple(goal.shape)}")
+            out["goal_state"] = self.normalizer.normalize("state", goal.to(device))  # (B, S)
         if cfg.frame != "off":
             out["future_frame"] = self.future_frame(batch["future_image"], device)
             fpad = _tensor(batch["future_is_pad"], "future_is_pad").reshape(-1)
