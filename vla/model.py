@@ -899,7 +899,8 @@ class VLA(nn.Module):
     # ------------------------------------------------------------------------------- training
     def compute_loss(self, batch: Mapping[str, torch.Tensor], per_sample: bool = False) -> dict[str, torch.Tensor]:
         """Losses of one batch from `Processor.training_batch`: loss, plan_loss, action_loss, frame_loss
-        (scalars; with ``goal_loss_weight`` also goal_loss, the goal head's error); ``per_sample`` adds ``action_loss_per_sample`` (B,), detached, for per-task metrics.
+        (scalars; with ``goal_loss_weight`` also goal_loss, the goal head's error); ``per_sample`` adds
+        ``action_loss_per_sample`` (B,), detached, for per-task metrics.
 
         Optional batch keys fix the flow randomness (tests, reproducible evaluation): ``noise`` (B, H, A),
         ``time`` (B,), ``frame_noise`` (B, 3, s, s), ``frame_time`` (B,; ignored with ``frame: condition``).

@@ -29,7 +29,7 @@ class VLAConfig:
     vision_coords: bool = False  # conv only: x/y coordinate channels join the pixels (CoordConv)
     vision_keypoints: int = 0  # conv only: K spatial-softmax keypoints per view, one more token per view (0 = off)
     state_dropout: float = 0.0  # training: each sample's state input is zeroed with this chance; 1.0 = no state at all
-    goal_loss_weight: float = 0.0  # flow only: weight of the goal head's loss (state at the next gripper switch); 0 = off
+    goal_loss_weight: float = 0.0  # flow only: weight of the goal head (state at the next gripper switch); 0 = off
     n_obs_steps: int = 1
     horizon: int = 16
     d_model: int = 128

@@ -196,7 +196,8 @@ class Processor:
                                  f"'goal_state' (WindowDataset gives it); got {sorted(batch)}")
             goal = _tensor(batch["goal_state"], "goal_state").float()
             if tuple(goal.shape) != (b, cfg.state_dim):
-                raise ValueError(f"goal_state: expected float [B={b}, S={cfg.state_dim}], got shape {tuple(goal.shape)}")
+                raise ValueError(f"goal_state: expected float [B={b}, S={cfg.state_dim}], "
+                                 f"got shape {tuple(goal.shape)}")
             out["goal_state"] = self.normalizer.normalize("state", goal.to(device))  # (B, S)
         if cfg.frame != "off":
             out["future_frame"] = self.future_frame(batch["future_image"], device)
