@@ -247,6 +247,13 @@ def test_goal_head_learns_the_goal_state_and_its_gradient_reaches_the_images():
         opt.step()
     assert float(loss) < 0.1 * first  # the head fits three goals
 
+    model.eval()
+    with torch.no_grad():  # the readout equals the head's output inside the loss (the state token ignores actions)
+        want = model.compute_loss(batch)["goal_loss"]
+        got = (model.predict_goal(batch) - batch["goal_state"]).pow(2).mean()
+    assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="no goal head"):
+        VLA(tiny_config()).predict_goal(batch)
     with pytest.raises(ValueError, match="needs batch\\['goal_state'\\]"):
         model.compute_loss({k: v for k, v in batch.items() if k != "goal_state"})
     assert "goal" not in VLA(tiny_config()).action  # off by default: no head, no loss key

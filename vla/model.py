@@ -897,6 +897,23 @@ class VLA(nn.Module):
         return h @ self.vlm["embed"].weight.T  # (B, n, vocab)
 
     # ------------------------------------------------------------------------------- training
+    def predict_goal(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The goal head's normalized state at the next gripper switch (B, S), from a training batch
+        (plan tokens given, as in training): a cheap readout of where the model thinks the named object
+        or receptacle is. Needs ``goal_loss_weight`` > 0."""
+        if "goal" not in getattr(self, "action", {}):
+            raise ValueError("VLA.predict_goal: this model has no goal head (train with model.goal_loss_weight > 0)")
+        segs = [self.embed_prefix(batch)]
+        if self.cfg.planner:
+            words = None
+            if self.plan_vocab is not None:
+                n_img, n_text = self.cfg.num_image_tokens, batch["instruction_tokens"].shape[1]
+                words = self.instruction_words(batch, segs[0].x[:, n_img:n_img + n_text])
+            segs.append(self.embed_plan(batch["plan_tokens"], batch["plan_mask"], words))
+        segs.append(self.embed_state(batch["state"]))  # the state token sees PREFIX+PLAN only
+        outs, _ = self._run(segs)
+        return self.action["goal"](outs[-1][:, 0])  # (B, S)
+
     def compute_loss(self, batch: Mapping[str, torch.Tensor], per_sample: bool = False) -> dict[str, torch.Tensor]:
         """Losses of one batch from `Processor.training_batch`: loss, plan_loss, action_loss, frame_loss
         (scalars; with ``goal_loss_weight`` also goal_loss, the goal head's error); ``per_sample`` adds
