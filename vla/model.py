@@ -897,19 +897,25 @@ class VLA(nn.Module):
         return h @ self.vlm["embed"].weight.T  # (B, n, vocab)
 
     # ------------------------------------------------------------------------------- training
+    def teacher_forced_context(self, batch: Mapping[str, torch.Tensor]
+                               ) -> tuple[list[Segment], tuple[torch.Tensor, torch.Tensor] | None]:
+        """PREFIX (+ the given PLAN with ``planner``) segments of a training batch, and the instruction's
+        word features the word-plan copy pointer reads (None with byte plans or no planner)."""
+        segs, words = [self.embed_prefix(batch)], None
+        if self.cfg.planner:
+            if self.plan_vocab is not None:
+                n_img, n_text = self.cfg.num_image_tokens, batch["instruction_tokens"].shape[1]
+                words = self.instruction_words(batch, segs[0].x[:, n_img:n_img + n_text])
+            segs.append(self.embed_plan(batch["plan_tokens"], batch["plan_mask"], words))
+        return segs, words
+
     def predict_goal(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The goal head's normalized state at the next gripper switch (B, S), from a training batch
         (plan tokens given, as in training): a cheap readout of where the model thinks the named object
         or receptacle is. Needs ``goal_loss_weight`` > 0."""
         if "goal" not in getattr(self, "action", {}):
             raise ValueError("VLA.predict_goal: this model has no goal head (train with model.goal_loss_weight > 0)")
-        segs = [self.embed_prefix(batch)]
-        if self.cfg.planner:
-            words = None
-            if self.plan_vocab is not None:
-                n_img, n_text = self.cfg.num_image_tokens, batch["instruction_tokens"].shape[1]
-                words = self.instruction_words(batch, segs[0].x[:, n_img:n_img + n_text])
-            segs.append(self.embed_plan(batch["plan_tokens"], batch["plan_mask"], words))
+        segs, _ = self.teacher_forced_context(batch)
         segs.append(self.embed_state(batch["state"]))  # the state token sees PREFIX+PLAN only
         outs, _ = self._run(segs)
         return self.action["goal"](outs[-1][:, 0])  # (B, S)
@@ -926,14 +932,7 @@ class VLA(nn.Module):
         check_batch(cfg, batch, training=True)
         actions = batch["actions"]  # (B, H, A)
         b, dev = actions.shape[0], actions.device
-        segs = [self.embed_prefix(batch)]
-        words = None
-        if cfg.planner:
-            if self.plan_vocab is not None:
-                n_img = cfg.num_image_tokens
-                n_text = batch["instruction_tokens"].shape[1]
-                words = self.instruction_words(batch, segs[0].x[:, n_img:n_img + n_text])
-            segs.append(self.embed_plan(batch["plan_tokens"], batch["plan_mask"], words))
+        segs, words = self.teacher_forced_context(batch)
         t = batch["time"] if "time" in batch else sample_time(b, dev)  # (B,)
         if cfg.action_head == "flow":
             noise = batch["noise"] if "noise" in batch else torch.randn_like(actions)
