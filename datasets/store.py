@@ -186,6 +186,12 @@ class EpisodeStore:
         return str(self._attrs["env"])
 
     @property
+    def env_options(self) -> dict[str, Any]:
+        """``make_env`` options the episodes were collected with beyond cameras and image size
+        (tabletop ``layout``); empty for the env's defaults and for stores written before it existed."""
+        return dict(self._attrs.get("env_options") or {})
+
+    @property
     def cameras(self) -> dict[str, tuple[int, int]]:
         return {name: (int(hw[0]), int(hw[1])) for name, hw in self._attrs["cameras"].items()}
 

@@ -427,7 +427,7 @@ def _compact(path: Path, attrs: dict, committed: int, damaged: set[int], stamp: 
                       action_dim=attrs["action_dim"], state_dim=attrs["state_dim"],
                       action_names=attrs.get("action_names"), state_names=attrs.get("state_names"),
                       image_chunk_frames=attrs.get("image_chunk_frames"), compression_level=comp.get("clevel", 3),
-                      image_shuffle=comp.get("image_shuffle", "noshuffle"))
+                      image_shuffle=comp.get("image_shuffle", "noshuffle"), env_options=attrs.get("env_options"))
     with w:
         for i in range(committed):
             if i in damaged:

@@ -66,6 +66,7 @@ class EpisodeWriter:
         image_chunk_frames: int | None = None,
         compression_level: int = 3,
         image_shuffle: str = "noshuffle",
+        env_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = Path(path)
         if image_shuffle not in ("noshuffle", "bitshuffle", "shuffle"):
@@ -73,6 +74,7 @@ class EpisodeWriter:
                 f"EpisodeWriter: image_shuffle must be noshuffle|bitshuffle|shuffle, got {image_shuffle!r}"
             )
         schema = self._validate_schema(env, fps, cameras, action_dim, state_dim, action_names, state_names)
+        schema["env_options"] = self._validate_env_options(env_options)
         self._lock_file = None
         self._group = None
         if self.path.exists() and (self.path / "zarr.json").exists():
@@ -125,6 +127,18 @@ class EpisodeWriter:
                 raise StoreError(f"{where}: {key} must be {d} strings (one per dim), got {n!r}")
             names[key] = n
         return {"env": env, "fps": float(fps), "cameras": cams, **dims, **names}
+
+    @staticmethod
+    def _validate_env_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The ``make_env`` options that define the episodes' world (e.g. tabletop ``layout``), JSON values."""
+        if options is None:
+            return {}
+        if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+            raise StoreError(f"EpisodeWriter: env_options must be a dict {{name: value}}, got {options!r}")
+        bad = {k: v for k, v in options.items() if not isinstance(v, str | int | float | bool)}
+        if bad:
+            raise StoreError(f"EpisodeWriter: env_options values must be str/int/float/bool, got {bad!r}")
+        return dict(options)
 
     def _create(self, schema: dict, image_chunk_frames: int | None, clevel: int, image_shuffle: str) -> None:
         import zarr
@@ -185,6 +199,9 @@ class EpisodeWriter:
         for key in ("env", "fps", "cameras", "action_dim", "state_dim"):
             if attrs.get(key) != schema[key]:
                 diffs.append(f"{key}: store has {attrs.get(key)!r}, writer asked for {schema[key]!r}")
+        if (attrs.get("env_options") or {}) != schema["env_options"]:
+            diffs.append(f"env_options: store has {attrs.get('env_options') or {}!r}, "
+                         f"writer asked for {schema['env_options']!r}")
         for key in ("action_names", "state_names"):
             if schema[key] is not None and attrs.get(key) is not None and attrs.get(key) != schema[key]:
                 diffs.append(f"{key}: store has {attrs.get(key)!r}, writer asked for {schema[key]!r}")

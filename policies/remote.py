@@ -53,8 +53,9 @@ class RemotePolicy(Policy):
         return {k: (int(v[0]), int(v[1])) for k, v in self.metadata["cameras"].items()}
 
     def env_kwargs(self) -> dict[str, Any]:
-        """``make_env`` keyword arguments matching the served model (cameras, image size)."""
-        return {"cameras": tuple(self.cameras), "image_size": int(self.metadata["image_size"])}
+        """``make_env`` keyword arguments matching the served model (cameras, image size, env options)."""
+        return {**(self.metadata.get("env_options") or {}), "cameras": tuple(self.cameras),
+                "image_size": int(self.metadata["image_size"])}
 
     def _client(self, slot: int) -> Any:
         if slot not in self._clients:

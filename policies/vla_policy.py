@@ -64,6 +64,7 @@ class VLAPolicy(Policy):
         device: str | torch.device = "cpu",
         use_cache: bool = True,
         train_config: dict | None = None,
+        env_options: dict | None = None,
     ) -> None:
         cfg = model.cfg
         if int(n_action_steps) > cfg.horizon:
@@ -79,6 +80,7 @@ class VLAPolicy(Policy):
         self.num_flow_steps = int(num_flow_steps or cfg.flow_steps)
         self.use_cache = bool(use_cache)
         self.train_config = dict(train_config or {})
+        self.env_options = dict(env_options or {})   # the training store's (e.g. tabletop layout)
         self.n_obs_steps = int(cfg.n_obs_steps)
         self.generator = torch.Generator(device="cpu")
         self.reseed(seed)
@@ -104,7 +106,7 @@ class VLAPolicy(Policy):
         model, processor, config = load_policy_bundle(path, device=device, use_ema=use_ema)
         return cls(model, processor, n_action_steps=n_action_steps, replan_every=replan_every,
                    temporal_ensemble=temporal_ensemble, num_flow_steps=num_flow_steps, seed=seed, device=device,
-                   train_config=config.get("train") or {})
+                   train_config=config.get("train") or {}, env_options=config.get("env_options"))
 
     def reseed(self, seed: int | None) -> None:
         """Restart the noise stream (``None``: a nondeterministic seed)."""
@@ -117,11 +119,12 @@ class VLAPolicy(Policy):
         return {cam: (h, w) for cam in self.cfg.cameras}
 
     def env_kwargs(self) -> dict[str, Any]:
-        """``make_env`` keyword arguments that build the env this model was trained on."""
+        """``make_env`` keyword arguments that build the env this model was trained on: cameras, image
+        size and the training store's env options (a tabletop ``layout``)."""
         h, w = self.cfg.image_hw
         if h != w:
             raise ValueError(f"model images are {h}x{w}; envs render square images (image_size)")
-        return {"cameras": tuple(self.cfg.cameras), "image_size": int(h)}
+        return {**self.env_options, "cameras": tuple(self.cfg.cameras), "image_size": int(h)}
 
     def metadata(self) -> dict[str, Any]:
         """What a client must know to build requests (sent first by ``vla serve``)."""
@@ -136,6 +139,7 @@ class VLAPolicy(Policy):
             "n_action_steps": self.n_action_steps,
             "replan_every": self.replan_every,
             "has_planner": bool(self.cfg.planner),
+            "env_options": dict(self.env_options),
             "has_frame_head": self.cfg.frame != "off",
             "model_config": self.cfg.to_dict(),
         }

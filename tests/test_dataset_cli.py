@@ -27,7 +27,7 @@ def test_info_json_counts(tmp_path, capsys):
     assert sm["episodes"] == 3 and sm["steps"] == 16
     assert sm["tasks"] == {"task-0": 2, "task-1": 1}
     assert sm["subtasks"] == {"reach": 2 + 3 + 2, "grasp": 3 + 4 + 2}
-    assert sm["cameras"] == {"front": [8, 10], "wrist": [6, 6]}
+    assert sm["cameras"] == {"front": [8, 10], "wrist": [6, 6]} and sm["env_options"] == {}
     assert sm["bytes"] > 0 and len(sm["stats"]["action"]["q01"]) == 3
 
 

@@ -109,6 +109,21 @@ def test_schema_mismatch_on_append_is_refused(tmp_path):
         open_writer(tmp_path / "s", cameras={"front": (8, 10)})
 
 
+def test_env_options_are_recorded_and_must_match_on_append(tmp_path):
+    with open_writer(tmp_path / "s", env_options={"layout": "slots"}) as w:
+        w.add_episode(**make_episode(0, 3))
+    assert EpisodeStore(tmp_path / "s").env_options == {"layout": "slots"}
+    with open_writer(tmp_path / "s", env_options={"layout": "slots"}) as w:   # same options: appends
+        w.add_episode(**make_episode(1, 3))
+    assert EpisodeStore(tmp_path / "s").num_episodes == 2
+    with pytest.raises(StoreError, match=r"env_options: store has \{'layout': 'slots'\}, writer asked for \{\}"):
+        open_writer(tmp_path / "s")
+    write_store(tmp_path / "plain", lengths=(3,))
+    assert EpisodeStore(tmp_path / "plain").env_options == {}
+    with pytest.raises(StoreError, match="env_options values must be str/int/float/bool"):
+        open_writer(tmp_path / "bad", env_options={"layout": ["slots"]})
+
+
 def test_second_writer_is_refused_while_first_is_open(tmp_path):
     w = open_writer(tmp_path / "s")
     with pytest.raises(StoreError, match="another EpisodeWriter"):

@@ -84,6 +84,26 @@ def test_load_policy_bundle_matches_the_trained_model(store, tmp_path):
     assert any(not torch.equal(ema_w[k], live_w[k]) for k in live_w)
 
 
+def test_checkpoint_carries_the_store_env_options_to_eval(tmp_path):
+    """A store collected with layout=slots gives checkpoints whose policy rebuilds that layout in
+    `vla eval`, unless the command line names another."""
+    from vla.commands.eval import build_policy
+    from vla.config import compose
+    from vla.policies import VLAPolicy
+
+    store = make_store(tmp_path / "slots.zarr", episodes=2, env_options={"layout": "slots"})
+    train(train_cfg(store, tmp_path / "run", "trainer.steps=2"))
+    assert ckpt.read_config(ckpt.resolve_checkpoint(tmp_path / "run"))["env_options"] == {"layout": "slots"}
+    policy = VLAPolicy.from_checkpoint(tmp_path / "run", n_action_steps=4)
+    assert policy.env_kwargs() == {"layout": "slots", "cameras": ("cam0",), "image_size": 16}
+    assert policy.metadata()["env_options"] == {"layout": "slots"}
+    base = [f"policy.checkpoint={tmp_path / 'run'}", "policy.n_action_steps=4", "env=tabletop", "tasks=[pick-place]"]
+    _, env, tasks, kwargs = build_policy(compose("eval", base))
+    assert (env, tasks, kwargs["layout"]) == ("tabletop", ["pick-place"], "slots")
+    _, _, _, kwargs = build_policy(compose("eval", [*base, "env.layout=random"]))
+    assert kwargs["layout"] == "random"
+
+
 def test_training_loss_drops_on_a_tiny_store(store, tmp_path):
     run = tmp_path / "run"
     train(train_cfg(store, run, "trainer.steps=80", "trainer.batch_size=12", "trainer.lr=3e-3",

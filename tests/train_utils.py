@@ -10,13 +10,14 @@ import numpy as np
 
 def make_store(path: Path, episodes: int = 3, length: int = 12, image_size: int = 16, cameras: int = 1,
                action_dim: int = 3, state_dim: int = 2, tasks: tuple[str, ...] = ("reach", "push"),
-               seed: int = 0) -> Path:
+               seed: int = 0, env_options: dict | None = None) -> Path:
     """A small store whose actions are a smooth function of time (learnable) with two subtasks."""
     from vla.datasets import EpisodeWriter
 
     rng = np.random.default_rng(seed)
     cams = {f"cam{i}": (image_size, image_size) for i in range(cameras)}
-    w = EpisodeWriter(path, env="synthetic", fps=10, cameras=cams, action_dim=action_dim, state_dim=state_dim)
+    w = EpisodeWriter(path, env="synthetic", fps=10, cameras=cams, action_dim=action_dim, state_dim=state_dim,
+                      env_options=env_options)
     try:
         for e in range(episodes):
             t = np.linspace(0, 1, length, dtype=np.float32)[:, None]  # (T, 1)

@@ -40,7 +40,8 @@ class TabletopEnv(gym.Env):
     def __init__(self, task: str, *, seed: int | None = None, cameras: tuple[str, ...] | list[str] = DEFAULT_CAMERAS,
                  image_size: int | tuple[int, int] = 96, instruction_split: str = "train",
                  max_episode_steps: int | None = None, terminate_on_success: bool = False,
-                 render_mode: str | None = None, n_substeps: int = 25, action_scale: float = 0.02) -> None:
+                 render_mode: str | None = None, n_substeps: int = 25, action_scale: float = 0.02,
+                 layout: str = "random") -> None:
         import mujoco
 
         self.family = T.get_family(task)
@@ -48,6 +49,9 @@ class TabletopEnv(gym.Env):
         if instruction_split not in T.SPLITS:
             raise ValueError(f"instruction_split must be one of {T.SPLITS}, got {instruction_split!r}")
         self.instruction_split = instruction_split
+        if layout not in T.LAYOUTS:
+            raise ValueError(f"layout must be one of {T.LAYOUTS}, got {layout!r}")
+        self.layout = layout
         cams = tuple(cameras)
         bad = [c for c in cams if c not in CAMERAS]
         if bad:
@@ -110,7 +114,7 @@ class TabletopEnv(gym.Env):
         import mujoco
 
         super().reset(seed=seed)
-        ep = T.sample_episode(self.task, self.np_random, self.instruction_split)
+        ep = T.sample_episode(self.task, self.np_random, self.instruction_split, self.layout)
         if options and options.get("instruction") is not None:
             text = options["instruction"]
             if not isinstance(text, str) or not text.strip():

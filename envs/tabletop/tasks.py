@@ -9,6 +9,13 @@ arguments, e.g. ``[PICK red cube, PLACE_BOWL red cube]``. The same plan gives
   followed by a CLOSE is not either),
 - the scripted expert's program (`vla.envs.tabletop.expert` executes steps one by one).
 
+Layouts: ``"random"`` (the default) draws every fixture and object position per episode, so a
+policy must find the named object anywhere on the table. ``"slots"`` fixes the places: each
+family's scene has one layout (drawn once from a generator seeded by the family's name), an
+episode jitters it by at most `SLOT_JITTER` and permutes nothing but colours, the goal and the
+hand's start, so *which* object the words name still changes from episode to episode while
+*where* objects can be is learnt once. It separates choosing the named object from localising it.
+
 Splits: each family has training and held-out evaluation paraphrase templates, and two
 (colour, shape) combinations — the purple cube and the orange cylinder — never appear in a
 training scene at all. In the eval split the (first) target object is always one of them. The
@@ -17,7 +24,9 @@ paraphrase split takes the held-out templates with training objects and colours:
 
 from __future__ import annotations
 
+import functools
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +46,7 @@ LIFT_HEIGHT = 0.03       # PICK holds once the object is this far above its rest
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("purple", "cube"), ("orange", "cylinder")})
 # paraphrase: held-out templates with training objects and colours; all: any template, training objects
 SPLITS = ("train", "eval", "paraphrase", "all")
+LAYOUTS = ("random", "slots")
 SHAPE_NOUNS = {"cube": ("cube", "block"), "cylinder": ("cylinder",)}
 
 
@@ -299,6 +309,7 @@ FIXTURE_X = (-0.19, 0.19)     # bowl/plate centres: keeps their rims inside the 
 CABINET_CENTER = (0.2, 0.25)
 OBJECT_CLEARANCE = 0.085     # object-object centre distance: room for the open fingers
 FIXTURE_RADIUS = 0.085       # bowl/plate footprint radius incl. margin
+SLOT_JITTER = 0.015          # layout="slots": each fixture and object moves at most this far (m) per axis
 
 
 def _in_drawer_zone(x: float, y: float, margin: float) -> bool:
@@ -338,16 +349,85 @@ def _push_ok(start: tuple[float, float], d: tuple[float, float], others: list[tu
     return True
 
 
-def sample_episode(task: str, rng: np.random.Generator, split: str = "train") -> Episode:
-    """Sample one episode of `task` (layout, colours, plan, instruction) from `rng`."""
+@dataclass(frozen=True)
+class SlotLayout:
+    """The fixed places of layout="slots": bowl and plate centres (or None) and one xy per object slot."""
+
+    bowl: tuple[float, float] | None
+    plate: tuple[float, float] | None
+    objects: tuple[tuple[float, float], ...]
+
+
+@functools.cache
+def _slot_layout(task: str) -> SlotLayout:
+    """The one layout of `task`'s scene, drawn from a generator seeded by the scene's description (the
+    same on every machine, and shared by families of one scene, such as pick-place and
+    pick-place-two), with every object slot placed and margins that leave room for the jitter."""
+    spec = get_family(task).scene
+    rng = np.random.default_rng(zlib.crc32(repr(spec).encode()))
+    pad = 1.5 * SLOT_JITTER
+    for _ in range(100):
+        taken: list[tuple[float, float, float]] = []
+        try:
+            fixtures = {}
+            for name, wanted in (("bowl", spec.bowl), ("plate", spec.plate)):
+                if wanted:
+                    fixtures[name] = _sample_point(rng, taken, FIXTURE_RADIUS + pad, spec.drawer, x_range=FIXTURE_X)
+                    taken.append((*fixtures[name], FIXTURE_RADIUS + pad))
+            objects = []
+            for _slot in spec.shapes:
+                objects.append(_sample_point(rng, taken, OBJECT_CLEARANCE / 2 + pad, spec.drawer))
+                taken.append((*objects[-1], OBJECT_CLEARANCE / 2 + pad))
+        except RuntimeError:
+            continue
+        return SlotLayout(fixtures.get("bowl"), fixtures.get("plate"), tuple(objects))  # floats: _sample_point
+    raise RuntimeError(f"layout='slots': could not lay out the {task!r} scene without overlap")
+
+
+def _slots_push_ok(plan: list[Step], lay: SlotLayout) -> bool:
+    """layout="slots": the plan's push (if any) has a clear corridor among the fixed places."""
+    push = next((s for s in plan if s.op == PUSH), None)
+    if push is None:
+        return True
+    others = [(*xy, FIXTURE_RADIUS + SLOT_JITTER) for xy in (lay.bowl, lay.plate) if xy is not None]
+    others += [(*xy, OBJECT_CLEARANCE / 2 + SLOT_JITTER) for i, xy in enumerate(lay.objects) if i != push.a]
+    return _push_ok(lay.objects[push.a], DIRECTION_VECTORS[DIRECTIONS[push.b]], others)
+
+
+def _jitter_slots(lay: SlotLayout, rng: np.random.Generator, present: list[bool],
+                  in_drawer: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+    """(bowl_xy, plate_xy, object xy) of one episode: the fixed places, each moved by at most SLOT_JITTER."""
+    def jitter(xy):
+        return None if xy is None else np.asarray(xy) + rng.uniform(-SLOT_JITTER, SLOT_JITTER, 2)
+
+    bowl, plate = jitter(lay.bowl), jitter(lay.plate)
+    xy = np.zeros((len(lay.objects), 2))
+    for i, base in enumerate(lay.objects):
+        if present[i] and i != in_drawer:
+            xy[i] = jitter(base)
+    return bowl, plate, xy
+
+
+def sample_episode(task: str, rng: np.random.Generator, split: str = "train", layout: str = "random") -> Episode:
+    """Sample one episode of `task` (layout, colours, plan, instruction) from `rng`; `layout` is
+    "random" (every place drawn per episode) or "slots" (the family's fixed places, jittered)."""
     if split not in SPLITS:
         raise ValueError(f"instruction_split must be one of {SPLITS}, got {split!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     fam = get_family(task)
     spec = fam.scene
     shapes = spec.shapes
     template_split = {"paraphrase": "eval"}.get(split, split)
     split = "train" if split in ("paraphrase", "all") else split  # objects and colours: the training ones
     plan, extra = fam.sample_goal(rng, split, shapes)
+    if layout == "slots":      # a push needs a clear corridor, which the fixed places allow for some goals only
+        for _ in range(200):
+            if _slots_push_ok(plan, _slot_layout(task)):
+                break
+            plan, extra = fam.sample_goal(rng, split, shapes)
+        else:
+            raise RuntimeError(f"layout='slots': no goal of {task!r} has a clear push corridor in its fixed layout")
     targets = extra["targets"]
     if task == "stack-three":
         targets = [extra["targets"][0]]
@@ -361,34 +441,37 @@ def sample_episode(task: str, rng: np.random.Generator, split: str = "train") ->
         keep = sorted(int(i) for i in rng.choice(spare, min(fam.min_distractors, len(spare)), replace=False))
     present = [i in used or i in keep for i in range(len(shapes))]
 
-    taken: list[tuple[float, float, float]] = []
-    bowl_xy = plate_xy = None
-    if spec.bowl:
-        bowl_xy = np.array(_sample_point(rng, taken, FIXTURE_RADIUS, spec.drawer, x_range=FIXTURE_X))
-        taken.append((*bowl_xy, FIXTURE_RADIUS))
-    if spec.plate:
-        plate_xy = np.array(_sample_point(rng, taken, FIXTURE_RADIUS, spec.drawer, x_range=FIXTURE_X))
-        taken.append((*plate_xy, FIXTURE_RADIUS))
-    xy = np.zeros((len(shapes), 2))
-    push = next((s for s in plan if s.op == PUSH), None)
     in_drawer = int(extra.get("in_drawer", -1))
-    order = [i for i in range(len(shapes)) if present[i] and i != in_drawer]
-    if push is not None:                       # place the pushed object first, then keep its corridor clear
-        order.remove(push.a)
-        order.insert(0, push.a)
-    for i in order:
-        extra_ok = None
-        if push is not None:
-            d = DIRECTION_VECTORS[DIRECTIONS[push.b]]
-            start = tuple(xy[push.a])
-            if i == push.a:         # the corridor must be clear of the fixtures placed so far
-                def extra_ok(x, y, d=d):
-                    return _push_ok((x, y), d, taken)
-            else:                   # distractors stay out of the corridor
-                def extra_ok(x, y, d=d, start=start):
-                    return _push_ok(start, d, [(x, y, OBJECT_CLEARANCE / 2)])
-        xy[i] = _sample_point(rng, taken, OBJECT_CLEARANCE / 2, spec.drawer, extra_ok)
-        taken.append((*xy[i], OBJECT_CLEARANCE / 2))
+    if layout == "slots":
+        bowl_xy, plate_xy, xy = _jitter_slots(_slot_layout(task), rng, present, in_drawer)
+    else:
+        taken: list[tuple[float, float, float]] = []
+        bowl_xy = plate_xy = None
+        if spec.bowl:
+            bowl_xy = np.array(_sample_point(rng, taken, FIXTURE_RADIUS, spec.drawer, x_range=FIXTURE_X))
+            taken.append((*bowl_xy, FIXTURE_RADIUS))
+        if spec.plate:
+            plate_xy = np.array(_sample_point(rng, taken, FIXTURE_RADIUS, spec.drawer, x_range=FIXTURE_X))
+            taken.append((*plate_xy, FIXTURE_RADIUS))
+        xy = np.zeros((len(shapes), 2))
+        push = next((s for s in plan if s.op == PUSH), None)
+        order = [i for i in range(len(shapes)) if present[i] and i != in_drawer]
+        if push is not None:                       # place the pushed object first, then keep its corridor clear
+            order.remove(push.a)
+            order.insert(0, push.a)
+        for i in order:
+            extra_ok = None
+            if push is not None:
+                d = DIRECTION_VECTORS[DIRECTIONS[push.b]]
+                start = tuple(xy[push.a])
+                if i == push.a:         # the corridor must be clear of the fixtures placed so far
+                    def extra_ok(x, y, d=d):
+                        return _push_ok((x, y), d, taken)
+                else:                   # distractors stay out of the corridor
+                    def extra_ok(x, y, d=d, start=start):
+                        return _push_ok(start, d, [(x, y, OBJECT_CLEARANCE / 2)])
+            xy[i] = _sample_point(rng, taken, OBJECT_CLEARANCE / 2, spec.drawer, extra_ok)
+            taken.append((*xy[i], OBJECT_CLEARANCE / 2))
     yaw = np.array([rng.uniform(-0.35, 0.35) if s == "cube" else 0.0 for s in shapes])
     # The hand starts at the back, above the workspace, so it hides little of the scene from the front view.
     hand = np.array([rng.uniform(-0.08, 0.02), rng.uniform(0.12, 0.2), rng.uniform(0.12, 0.16)])

@@ -30,6 +30,10 @@ from typing import Any
 
 import numpy as np
 
+# make_env options beyond cameras and image size that shape the episodes; recorded in the store
+# (``EpisodeStore.env_options``) so that training checkpoints and `vla eval` rebuild the same world.
+ENV_OPTIONS = ("layout",)
+
 USAGE = """usage: vla collect [key=value ...]   (Hydra overrides of configs/collect.yaml)
 
   env=metaworld|tabletop  tasks=[a,b]|all  episodes=N (kept per task)  workers=N (0 = in-process)
@@ -211,6 +215,8 @@ def _resolve(cfg) -> dict[str, Any]:
         "max_episode_steps": None if max_steps is None else int(max_steps),
         "terminate_on_success": bool(cfg.terminate_on_success),
     }
+    if cfg.env.get("layout") is not None:   # tabletop: "random" | "slots"; recorded in the store (env_options)
+        env_kwargs["layout"] = str(cfg.env.layout)
     return {
         "family": family_name, "tasks": tasks, "episodes": episodes, "workers": workers, "out": out,
         "seed_start": seed_start, "env_kwargs": env_kwargs, "keep_failed": bool(cfg.keep_failed),
@@ -241,6 +247,7 @@ def _open_writer(s: dict[str, Any]):
         action_dim=action_dim, state_dim=state_dim,
         action_names=list(action_names) if action_names else None,
         state_names=list(state_names) if state_names else None,
+        env_options={k: s["env_kwargs"][k] for k in ENV_OPTIONS if k in s["env_kwargs"]},
     )
 
 

@@ -68,6 +68,7 @@ def store_summary(path: str | Path) -> dict:
         "path": str(s.path),
         "format": f"vla.episodes v{s.version}",
         "env": s.env,
+        "env_options": s.env_options,
         "fps": s.fps,
         "episodes": s.num_episodes,
         "steps": s.num_steps,
@@ -90,7 +91,8 @@ def store_summary(path: str | Path) -> dict:
 
 def _print_info(sm: dict) -> None:
     print(f"{sm['path']}  ({sm['format']}, written by vla {sm['vla_version']})")
-    print(f"  env {sm['env']}, {sm['fps']:g} fps, {sm['episodes']} episodes, {sm['steps']} steps, "
+    opts = "".join(f", {k}={v}" for k, v in sm["env_options"].items())
+    print(f"  env {sm['env']}{opts}, {sm['fps']:g} fps, {sm['episodes']} episodes, {sm['steps']} steps, "
           f"{_fmt_bytes(sm['bytes'])} on disk")
     if sm["episode_length"]:
         el = sm["episode_length"]
