@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from vla.datasets import EpisodeStore, verify_store  # noqa: E402
+from vla.datasets import EpisodeStore, StoreError, verify_store  # noqa: E402
 from vla.envs.metaworld import instructions  # noqa: E402
 
 from vla.commands import collect as collect_cmd  # noqa: E402
@@ -70,6 +70,18 @@ def test_failed_episodes_are_dropped_unless_kept(tmp_path, capsys):
     assert rc == 0
     ep = EpisodeStore(out).get_episode(0)
     assert len(ep["action"]) == 5
+
+
+def test_tabletop_layout_is_recorded_in_the_store(tmp_path, capsys):
+    out = tmp_path / "slots.zarr"
+    args = ["env=tabletop", "env.layout=slots", "tasks=[pick-place]", "episodes=2", "workers=0", "image_size=32",
+            "cameras=[front]", f"out={out}", "progress=false"]
+    assert collect_cmd.main(args) == 0
+    store = EpisodeStore(out)
+    assert store.env_options == {"layout": "slots"} and store.num_episodes == 2
+    # appending with the default layout would mix two worlds in one store: refused, naming both
+    with pytest.raises(StoreError, match=r"env_options: store has \{'layout': 'slots'\}, writer asked for \{\}"):
+        collect_cmd.main([a for a in args if not a.startswith("env.layout")])
 
 
 @pytest.mark.parametrize(

@@ -87,9 +87,10 @@ def test_load_policy_bundle_matches_the_trained_model(store, tmp_path):
 def test_checkpoint_carries_the_store_env_options_to_eval(tmp_path):
     """A store collected with layout=slots gives checkpoints whose policy rebuilds that layout in
     `vla eval`, unless the command line names another."""
+    from vla.policies import VLAPolicy
+
     from vla.commands.eval import build_policy
     from vla.config import compose
-    from vla.policies import VLAPolicy
 
     store = make_store(tmp_path / "slots.zarr", episodes=2, env_options={"layout": "slots"})
     train(train_cfg(store, tmp_path / "run", "trainer.steps=2"))
