@@ -7,6 +7,8 @@ version 1)::
     root attrs   format="vla.episodes", version=1, fps, env, cameras {name: [H, W]},
                  action_dim, state_dim, action_names, state_names, vla_version,
                  image_chunk_frames,
+                 env_options: {name: value}   make_env options beyond cameras/size, e.g. {"layout": "slots"}
+                                              (absent or {} = the env's defaults)
                  strings: {"instructions": [...], "subtasks": [...], "tasks": [...]},
                  stats: {"num_steps": N, "action": {mean,std,min,max,q01,q99}, "state": {...},
                          "guarded": {"action": {...}, "state": {...}}},
