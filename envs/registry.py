@@ -31,6 +31,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import gymnasium as gym
 
+# make_env options beyond cameras and image size that shape the episodes (the tabletop `layout`):
+# `vla collect` records them in the store (``EpisodeStore.env_options``), checkpoints copy them, and
+# `vla eval` rebuilds the same world unless its env group names another value.
+ENV_OPTIONS: tuple[str, ...] = ("layout",)
+
 
 class ScriptedExpert(Protocol):
     """A scripted expert: reads ``info["privileged"]``, returns ``(action f32[A], subtask label)``."""

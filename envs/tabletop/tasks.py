@@ -11,7 +11,7 @@ arguments, e.g. ``[PICK red cube, PLACE_BOWL red cube]``. The same plan gives
 
 Layouts: ``"random"`` (the default) draws every fixture and object position per episode, so a
 policy must find the named object anywhere on the table. ``"slots"`` fixes the places: each
-family's scene has one layout (drawn once from a generator seeded by the family's name), an
+scene has one layout (drawn once from a generator seeded by the scene's description), an
 episode jitters it by at most `SLOT_JITTER` and permutes nothing but colours, the goal and the
 hand's start, so *which* object the words name still changes from episode to episode while
 *where* objects can be is learnt once. It separates choosing the named object from localising it.
@@ -422,8 +422,9 @@ def sample_episode(task: str, rng: np.random.Generator, split: str = "train", la
     split = "train" if split in ("paraphrase", "all") else split  # objects and colours: the training ones
     plan, extra = fam.sample_goal(rng, split, shapes)
     if layout == "slots":      # a push needs a clear corridor, which the fixed places allow for some goals only
+        fixed = _slot_layout(task)
         for _ in range(200):
-            if _slots_push_ok(plan, _slot_layout(task)):
+            if _slots_push_ok(plan, fixed):
                 break
             plan, extra = fam.sample_goal(rng, split, shapes)
         else:
@@ -443,7 +444,7 @@ def sample_episode(task: str, rng: np.random.Generator, split: str = "train", la
 
     in_drawer = int(extra.get("in_drawer", -1))
     if layout == "slots":
-        bowl_xy, plate_xy, xy = _jitter_slots(_slot_layout(task), rng, present, in_drawer)
+        bowl_xy, plate_xy, xy = _jitter_slots(fixed, rng, present, in_drawer)
     else:
         taken: list[tuple[float, float, float]] = []
         bowl_xy = plate_xy = None

@@ -30,10 +30,6 @@ from typing import Any
 
 import numpy as np
 
-# make_env options beyond cameras and image size that shape the episodes; recorded in the store
-# (``EpisodeStore.env_options``) so that training checkpoints and `vla eval` rebuild the same world.
-ENV_OPTIONS = ("layout",)
-
 USAGE = """usage: vla collect [key=value ...]   (Hydra overrides of configs/collect.yaml)
 
   env=metaworld|tabletop  tasks=[a,b]|all  episodes=N (kept per task)  workers=N (0 = in-process)
@@ -215,8 +211,9 @@ def _resolve(cfg) -> dict[str, Any]:
         "max_episode_steps": None if max_steps is None else int(max_steps),
         "terminate_on_success": bool(cfg.terminate_on_success),
     }
-    if cfg.env.get("layout") is not None:   # tabletop: "random" | "slots"; recorded in the store (env_options)
-        env_kwargs["layout"] = str(cfg.env.layout)
+    from vla.envs.registry import ENV_OPTIONS  # e.g. tabletop layout; recorded in the store
+
+    env_kwargs.update({k: cfg.env[k] for k in ENV_OPTIONS if cfg.env.get(k) is not None})
     return {
         "family": family_name, "tasks": tasks, "episodes": episodes, "workers": workers, "out": out,
         "seed_start": seed_start, "env_kwargs": env_kwargs, "keep_failed": bool(cfg.keep_failed),
@@ -225,6 +222,8 @@ def _resolve(cfg) -> dict[str, Any]:
 
 
 def _open_writer(s: dict[str, Any]):
+    from vla.envs.registry import ENV_OPTIONS
+
     """Make one env (checks task, cameras, image size before any worker starts), read its dims,
     fps and names, and open (or create) the store with them."""
     from vla.datasets import EpisodeWriter
@@ -247,7 +246,7 @@ def _open_writer(s: dict[str, Any]):
         action_dim=action_dim, state_dim=state_dim,
         action_names=list(action_names) if action_names else None,
         state_names=list(state_names) if state_names else None,
-        env_options={k: s["env_kwargs"][k] for k in ENV_OPTIONS if k in s["env_kwargs"]},
+        env_options={k: v for k, v in s["env_kwargs"].items() if k in ENV_OPTIONS},
     )
 
 

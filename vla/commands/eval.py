@@ -54,10 +54,10 @@ def build_policy(cfg: Any) -> tuple[Any, str, list[str], dict[str, Any]]:
     env_kwargs: dict[str, Any] = {}
     if env_group and env_group.get("max_episode_steps"):
         env_kwargs["max_episode_steps"] = int(env_group.max_episode_steps)
-    layout = env_group.get("layout") if env_group else None  # env.layout=... beats the checkpoint's store
+    from vla.envs.registry import ENV_OPTIONS
 
-    def with_layout(kwargs: dict[str, Any]) -> dict[str, Any]:
-        return kwargs if layout is None else {**kwargs, "layout": str(layout)}
+    # env.layout=... (any ENV_OPTIONS key given on the command line) beats the checkpoint's store
+    given = {k: env_group[k] for k in ENV_OPTIONS if env_group and env_group.get(k) is not None}
 
     from vla.policies import make_policy
 
@@ -69,12 +69,12 @@ def build_policy(cfg: Any) -> tuple[Any, str, list[str], dict[str, Any]]:
             env_kwargs["cameras"] = tuple(env_group.cameras)
         if env_group.get("image_size"):
             env_kwargs["image_size"] = int(env_group.image_size)
-        return make_policy(pcfg, family=env), env, tasks, with_layout(env_kwargs)
+        return make_policy(pcfg, family=env), env, tasks, {**env_kwargs, **given}
     policy = make_policy(pcfg, family=env)
     if pcfg["name"] == "remote":
         if not env or not tasks:
             raise ValueError("policy=remote needs env=FAMILY and tasks=[...] (the server does not say them)")
-        return policy, env, tasks, with_layout({**env_kwargs, **policy.env_kwargs()})
+        return policy, env, tasks, {**env_kwargs, **policy.env_kwargs(), **given}
     ck_env, ck_tasks = checkpoint_env_and_tasks(policy.train_config)
     env = env or ck_env
     tasks = tasks or ck_tasks
@@ -83,7 +83,7 @@ def build_policy(cfg: Any) -> tuple[Any, str, list[str], dict[str, Any]]:
             f"checkpoint {pcfg['checkpoint']} does not say which env/tasks it was trained on; "
             "pass env=FAMILY tasks=[...]"
         )
-    return policy, env, tasks, with_layout({**env_kwargs, **policy.env_kwargs()})
+    return policy, env, tasks, {**env_kwargs, **policy.env_kwargs(), **given}
 
 
 def main(argv: list[str]) -> int:
