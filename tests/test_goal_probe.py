@@ -1,0 +1,37 @@
+"""scripts/goal_probe.py's place clustering: goals on a few fixed places (layout=slots, jitter <= 1.5 cm) become
+one place each; goals spread over the table stay apart."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("goal_probe", ROOT / "scripts" / "goal_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_goal_places_clusters_jittered_slots():
+    mod = load_module()
+    rng = np.random.default_rng(0)
+    slots = np.array([[0.1, 0.2], [-0.15, 0.05], [0.0, -0.2], [0.2, -0.1]])
+    which = rng.integers(0, 4, 40)
+    goals = slots[which] + rng.uniform(-0.015, 0.015, (40, 2))
+    places = mod.goal_places(goals)
+    assert places.shape == (4, 2)
+    # every place is the mean of its own slot's goals, within the jitter of the slot
+    for p in places:
+        assert np.linalg.norm(slots - p, axis=1).min() < 0.015
+
+
+def test_goal_places_keeps_distinct_goals_apart():
+    mod = load_module()
+    goals = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [0.03, 0.0]])
+    places = mod.goal_places(goals, radius=0.04)
+    assert len(places) == 3  # the 3 cm neighbour joins the first place, the others stay apart
+    np.testing.assert_allclose(places[0], [0.015, 0.0])
