@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from vla.datasets.lerobot import IMAGE_PREFIX  # the LeRobot camera key prefix, shared with export/import
 from vla.policies.base import Chunk, Policy
 
 from vla.observation import Observation
-
-IMAGE_PREFIX = "observation.images."
 
 
 def lerobot_batch(obs_list: list[Observation], instructions: list[str], cameras: list[str]) -> dict:
