@@ -55,6 +55,10 @@ class EnvFamily:
     make_expert: Callable[[str], ScriptedExpert]
     default_cameras: tuple[str, ...]
     max_episode_steps: int | Callable[[str], int]
+    # Optional: goal_frame(obs, info) -> (goal_state f32[S], plan labels) for a freshly reset env: the
+    # state the hand will have where the expert first closes the gripper, and every subtask label in
+    # order (`vla collect goal_frames=N`). None: the family has no goal frames.
+    goal_frame: Callable[[Any, dict[str, Any]], tuple[Any, list[str]]] | None = None
 
     def episode_limit(self, task: str) -> int:
         """The default ``max_episode_steps`` of ``task``."""

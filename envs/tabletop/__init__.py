@@ -47,13 +47,21 @@ def max_episode_steps(task: str) -> int:
     return get_family(task).max_episode_steps
 
 
+def goal_frame(obs: dict, info: dict):
+    """(goal_state, plan labels) of a freshly reset episode; see `expert.first_grasp_state`."""
+    from vla.envs.tabletop.expert import first_grasp_state
+
+    return first_grasp_state(obs, info)
+
+
 def _family():
     try:
         from vla.envs.registry import EnvFamily
     except ImportError:   # the registry is optional for using the suite directly
         return None
     return EnvFamily(name="tabletop", list_tasks=list_tasks, make_env=make_env, make_expert=make_expert,
-                     default_cameras=DEFAULT_CAMERAS, max_episode_steps=max_episode_steps)
+                     default_cameras=DEFAULT_CAMERAS, max_episode_steps=max_episode_steps,
+                     goal_frame=goal_frame)
 
 
 FAMILY = _family()

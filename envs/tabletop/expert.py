@@ -22,6 +22,7 @@ from vla.envs.tabletop import tasks as T
 ACTION_SCALE = 0.02      # must match TabletopEnv(action_scale=...)
 HOVER_Z = 0.12           # approach height of the grip point
 CARRY_Z = 0.16           # carrying height (clears a two-cube tower and the cabinet)
+GRASP_MIN_Z = 0.014     # lowest grasp height of the grip point
 PHASE_TIMEOUT = 40       # steps before a stuck phase gives up and moves on
 
 
@@ -108,7 +109,7 @@ class TabletopExpert:
         hand = p["hand"]
         obj = p["objects"][step.a]
         pos = obj["pos"]
-        grasp_z = max(pos[2], 0.014)
+        grasp_z = max(pos[2], GRASP_MIN_Z)
         if self.phase == "start":
             self._next_phase("above")
         if self.phase == "above":
@@ -247,3 +248,23 @@ class TabletopExpert:
         if hand[2] > HOVER_Z - 0.015:
             self._finish_step()
         return self._goto(hand, np.array([hand[0], hand[1], HOVER_Z]), 1.0)
+
+
+def first_grasp_state(obs: dict, info: dict) -> tuple[np.ndarray, list[str]]:
+    """For a freshly reset episode: the state f32[4] the hand will have where `TabletopExpert` first
+    closes the gripper, and the plan's subtask labels in order (the goal frames of `vla collect
+    goal_frames=N`). Defined for plans that start with a pick: the grasp point is the object's centre
+    at grasp height (`_pick`'s descend target, reached to 6 mm), the fingers still open as at reset.
+    Push and drawer plans close the gripper from their first step, so they have no such target."""
+    p = T.decode_privileged(info["privileged"])
+    plan = p["plan"]
+    colors = [o["color"] for o in p["objects"]]
+    shapes = tuple(o["shape"] for o in p["objects"])
+    labels = [T.subtask_text(st, colors, shapes) for st in plan]
+    if not plan or plan[0].op != T.PICK:
+        raise ValueError(f"first_grasp_state: task {info.get('task')!r} starts with {labels[:1]}, not a pick; goal "
+                         "frames are defined for plans that start by picking an object")
+    pos = p["objects"][plan[0].a]["pos"]
+    state = np.asarray(obs["state"], np.float32)
+    goal = np.array([pos[0], pos[1], max(pos[2], GRASP_MIN_Z), state[3]], np.float32)
+    return goal, labels

@@ -34,6 +34,8 @@ USAGE = """usage: vla collect [key=value ...]   (Hydra overrides of configs/coll
 
   env=metaworld|tabletop  tasks=[a,b]|all  episodes=N (kept per task)  workers=N (0 = in-process)
   out=PATH  image_size=64  cameras=[corner,gripperPOV]  seed_start=0  keep_failed=false
+  goal_frames=N  instead of demonstrations: N reset frames per task labelled with the first grasp
+                 (tabletop; for `vla train dataset.goal_frames=PATH`)
 """
 
 
@@ -320,6 +322,53 @@ def collect(cfg) -> dict[str, Any]:
     return summary
 
 
+def collect_goal_frames(cfg) -> dict[str, Any]:
+    """``goal_frames=N``: N reset frames per task, each labelled with the state at the expert's first
+    grasp (``vla.datasets.goal_frames``); written once, whole or not at all. Returns the summary."""
+    from vla.datasets.goal_frames import write_goal_frames
+    from vla.envs import get_family, make_env
+
+    s = _resolve(cfg)
+    n = int(cfg.goal_frames)
+    family = get_family(s["family"])
+    if family.goal_frame is None:
+        raise ValueError(f"goal_frames={n}: env {s['family']!r} has no goal frames (the tabletop family has)")
+    if s["out"].exists():
+        raise ValueError(f"goal_frames={n}: out={s['out']} exists; goal frames are written to a new path")
+    frames: dict[str, Any] = {"images": defaultdict(list), "state": [], "goal_state": [], "task": [],
+                              "instruction": [], "plan": [], "seed": []}
+    t0 = time.perf_counter()
+    fps = 0.0
+    for task in s["tasks"]:
+        env = make_env(s["family"], task, **s["env_kwargs"])
+        try:
+            fps = float(env.metadata.get("render_fps") or 10)
+            for k in range(n):
+                seed = s["seed_start"] + k
+                obs, info = env.reset(seed=seed)
+                goal, labels = family.goal_frame(obs, info)
+                for cam, img in obs["images"].items():
+                    frames["images"][cam].append(img)
+                frames["state"].append(obs["state"])
+                frames["goal_state"].append(goal)
+                plan = [lab for i, lab in enumerate(labels) if i == 0 or lab != labels[i - 1]]
+                frames["plan"].append("; ".join(plan))
+                frames["task"].append(task)
+                frames["instruction"].append(info["instruction"])
+                frames["seed"].append(seed)
+        finally:
+            env.close()
+    frames["images"] = {cam: np.stack(v) for cam, v in frames["images"].items()}
+    from vla.envs.registry import ENV_OPTIONS
+
+    meta = {"env": s["family"], "fps": fps,
+            "env_options": {k: v for k, v in s["env_kwargs"].items() if k in ENV_OPTIONS}}
+    write_goal_frames(s["out"], frames, meta)
+    elapsed = time.perf_counter() - t0
+    return {"status": "done", "path": str(s["out"]), "frames": len(frames["task"]), "seconds": round(elapsed, 2),
+            "tasks": s["tasks"], "seed_start": s["seed_start"]}
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The one-line summary printed at the end of a collection."""
     line = (
@@ -339,6 +388,11 @@ def main(argv: list[str]) -> int:
     from vla.config import compose
 
     cfg = compose("collect", argv)
+    if int(cfg.get("goal_frames") or 0) > 0:
+        summary = collect_goal_frames(cfg)
+        print(f"vla collect: goal frames: {summary['frames']} frames of {summary['tasks']} (seeds from "
+              f"{summary['seed_start']}) in {summary['seconds']:.1f} s -> {summary['path']}")
+        return 0
     summary = collect(cfg)
     print(format_summary(summary))
     return {"done": 0, "interrupted": 130}.get(summary["status"], 1)

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -143,6 +144,7 @@ class Trainer:
         self.ema = EMA(self.model, decay=ema_decay, warmup=bool(tcfg.get("ema_warmup", True))) if ema_decay else None
         self.augment = AugmentConfig.from_dict(OmegaConf.to_container(tcfg.augment, resolve=True)
                                                if tcfg.get("augment") is not None else None)
+        self.goal_frames, self.goal_frames_batch = self._open_goal_frames(dcfg, train_eps)
         self.eval_every, self.eval_tasks = eval_schedule(cfg, self.store)
         self.step = 0
         self.saved_step = -1
@@ -181,6 +183,41 @@ class Trainer:
         self.sampler.start = dataclasses.replace(self.data_pos)
         rs = st["rng"]
         set_rng_state(rs[self.info.rank] if len(rs) > self.info.rank else rs[0])
+
+    def _open_goal_frames(self, dcfg, train_eps: list[int]):
+        """``dataset.goal_frames`` (a store of `vla collect goal_frames=N`) and how many join each batch."""
+        path = dcfg.get("goal_frames")
+        if not path:
+            return None, 0
+        from vla.datasets.goal_frames import GoalFrames
+
+        n = dcfg.get("goal_frames_batch", 16)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"dataset.goal_frames_batch must be an int >= 1 (goal frames per batch), got {n!r}")
+        if self.model_cfg.goal_loss_weight <= 0:
+            raise ValueError(f"dataset.goal_frames={path} trains only the goal head: set model.goal_loss_weight > 0 "
+                             f"(got {self.model_cfg.goal_loss_weight})")
+        frames = GoalFrames(str(path))
+        tasks = [self.store.episode_tasks[i] for i in train_eps]
+        frames.check_compatible(self.store, self.model_cfg.cameras, tasks)
+        if n > len(frames):
+            raise ValueError(f"dataset.goal_frames_batch={n} is larger than the {len(frames)} frames of {path}")
+        if self.model_cfg.planner:  # every plan must be expressible before step 1 (word plans copy from the text)
+            self.processor.tokenize_plans(frames.plans, "cpu", frames.instructions)
+        return frames, int(n)
+
+    def _with_goal_frames(self, raw: dict[str, Any], step: int) -> dict[str, Any]:
+        """This step's batch plus ``goal_frames_batch`` goal frames, drawn by (seed, step, rank)."""
+        if self.goal_frames is None:
+            return raw
+        from vla.datasets.goal_frames import concat_batches
+
+        rng = np.random.default_rng([self.seed, 0x60A1, step, self.info.rank])
+        idx = rng.choice(len(self.goal_frames), self.goal_frames_batch, replace=False)
+        mc = self.model_cfg
+        extra = self.goal_frames.batch(idx, list(mc.cameras), mc.n_obs_steps, mc.horizon, mc.action_dim,
+                                       mc.frame_camera)
+        return concat_batches(raw, extra)
 
     def _make_sampler(self, order: str) -> ResumableBatchSampler:
         """The data order: a permutation of all windows ("random"), or chunk-local for a store on disk."""
@@ -269,7 +306,8 @@ class Trainer:
         step = self.step
         # Anything inside the model that uses the global generator is reproducible on resume.
         torch.manual_seed(mix_seed(self.seed, 0xB0B, step, self.info.rank))
-        batch = self._prepare(raw, step)
+        n_demo = len(raw["task"])
+        batch = self._prepare(self._with_goal_frames(raw, step), step)
         lr = lr_at(step, lr=float(self.tcfg.lr), min_lr=float(self.tcfg.min_lr),
                    warmup_steps=int(self.tcfg.warmup_steps), total_steps=self.total_steps)
         for g in self.optimizer.param_groups:
@@ -295,7 +333,7 @@ class Trainer:
         out = {k: float(v.detach().float()) for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0}
         # Per-task losses (single process only: ranks' batches hold different tasks, so keys would differ).
         if "action_loss_per_sample" in losses and not self.info.distributed and len(set(raw["task"])) > 1:
-            out.update(per_task_means(raw["task"], losses["action_loss_per_sample"]))
+            out.update(per_task_means(raw["task"], losses["action_loss_per_sample"][:n_demo]))
         out["grad_norm"] = float(gnorm)
         out["lr"] = lr
         return out
