@@ -35,3 +35,17 @@ def test_goal_places_keeps_distinct_goals_apart():
     places = mod.goal_places(goals, radius=0.04)
     assert len(places) == 3  # the 3 cm neighbour joins the first place, the others stay apart
     np.testing.assert_allclose(places[0], [0.015, 0.0])
+
+
+def test_confusion_names_the_object_nearest_the_prediction(tmp_path):
+    from vla.datasets.goal_frames import GoalFrames
+
+    from vla.cli import main as cli_main
+
+    mod = load_module()
+    out = tmp_path / "gf.zarr"
+    assert cli_main(["collect", "env=tabletop", "env.layout=slots", "tasks=[pick-place]", "goal_frames=4",
+                     "image_size=16", "cameras=[front]", f"out={out}"]) == 0
+    assert mod.is_goal_frames(str(out)) and not mod.is_goal_frames(str(tmp_path))
+    true_xy = GoalFrames(out).goal_state[:, :2]
+    assert mod.confusion(str(out), true_xy) == {"named": 1.0, "same shape": 0.0, "same colour": 0.0, "neither": 0.0}

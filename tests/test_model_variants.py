@@ -262,3 +262,46 @@ def test_goal_head_learns_the_goal_state_and_its_gradient_reaches_the_images():
         tiny_config(goal_loss_weight=-1.0)
     with pytest.raises(ValueError, match="needs action_head='flow'"):
         tiny_config(goal_loss_weight=1.0, action_head="discrete")
+
+
+def test_point_goal_head_reads_where_the_bright_patch_is():
+    """goal_head=point: the goal comes from which patch of the first camera scores highest. On images that
+    are black but for one bright patch, with the goal set by that patch's place, it fits the goals; and
+    moving the bright patch moves the prediction (the state token plays no part)."""
+    from model_helpers import model_batch, tiny_config
+
+    from vla.model import VLA
+
+    torch.manual_seed(0)
+    cfg = tiny_config(goal_loss_weight=1.0, goal_head="point", vision="conv")
+    model = VLA(cfg)
+    assert isinstance(model.action["goal"], torch.nn.Sequential) and model.goal_grid.shape[1] == 2
+    batch = model_batch(cfg)
+    b, p = batch["state"].shape[0], cfg.patch_size
+    h, w = cfg.image_hw
+    gh, gw = h // p, w // p
+    cells = torch.tensor([0, gw * gh - 1, gw - 1][:b])  # a corner patch per sample
+    images = torch.full_like(batch["images"], -1.0)
+    for i, c in enumerate(cells.tolist()):
+        r, q = divmod(c, gw)
+        images[i, 0, :, r * p:(r + 1) * p, q * p:(q + 1) * p] = 1.0
+    batch["images"] = images
+    grid = model.goal_grid[cells]  # (B, 2) the bright patch's centre in [-1, 1]
+    batch["goal_state"] = torch.cat([grid, torch.zeros(b, cfg.state_dim - 2)], 1)[:, :cfg.state_dim]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        opt.zero_grad()
+        loss = model.compute_loss(batch)["goal_loss"]
+        first = float(loss) if first is None else first
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.1 * first
+    model.eval()
+    with torch.no_grad():
+        pred = model.predict_goal(batch)
+        swapped = model.predict_goal(dict(batch, images=batch["images"].flip(0)))  # each sample: another's image
+    # the goal follows the image, not the state or the text
+    assert (swapped - pred.flip(0)).abs().max() < 0.2 * (pred - pred.flip(0)).abs().max()
+    with pytest.raises(ValueError, match="goal_head must be 'token' or 'point'"):
+        tiny_config(goal_head="center")

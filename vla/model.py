@@ -554,7 +554,13 @@ class VLA(nn.Module):
                                          "time": TimeMLP(wa), "out": nn.Linear(wa, cfg.action_dim)})
             if not dense:
                 self.action["expert"] = Expert(cfg, wa, adaptive=True)
-            if cfg.goal_loss_weight > 0:  # auxiliary: the state token predicts where the hand grasps/lets go next
+            if cfg.goal_loss_weight > 0 and cfg.goal_head == "point":  # point at a patch, map the point to a state
+                self.action["goal_score"] = nn.Linear(d, 1)
+                self.action["goal"] = nn.Sequential(nn.Linear(2, 64), nn.GELU(), nn.Linear(64, cfg.state_dim))
+                gh, gw = cfg.image_hw[0] // p, cfg.image_hw[1] // p
+                ys, xs = torch.meshgrid(torch.linspace(-1, 1, gh), torch.linspace(-1, 1, gw), indexing="ij")
+                self.register_buffer("goal_grid", torch.stack([xs, ys], -1).reshape(-1, 2), persistent=False)
+            elif cfg.goal_loss_weight > 0:  # auxiliary: the state token predicts where the hand grasps/lets go next
                 self.action["goal"] = nn.Linear(wa, cfg.state_dim)
         if cfg.frame != "off":
             wf, pf = (d if dense else cfg.frame_width), (cfg.frame_size // p) ** 2
@@ -918,7 +924,17 @@ class VLA(nn.Module):
         segs, _ = self.teacher_forced_context(batch)
         segs.append(self.embed_state(batch["state"]))  # the state token sees PREFIX+PLAN only
         outs, _ = self._run(segs)
-        return self.action["goal"](outs[-1][:, 0])  # (B, S)
+        return self.goal_readout(outs, len(segs) - 1)  # (B, S)
+
+    def goal_readout(self, outs: list[torch.Tensor], state_seg: int) -> torch.Tensor:
+        """The goal head (B, S). ``token``: a linear map of the state token. ``point``: a score per patch of
+        the first camera (its final vlm states), softmax, the expected patch centre (x, y) in [-1, 1], then
+        an MLP to the state: where the goal is must come from *which patch* the words pick out."""
+        if self.cfg.goal_head == "point":
+            n = self.goal_grid.shape[0]  # the first view's patches lead the prefix
+            w = self.action["goal_score"](outs[0][:, :n]).squeeze(-1).float().softmax(-1)  # (B, Np)
+            return self.action["goal"]((w @ self.goal_grid).to(outs[0].dtype))  # (B, S)
+        return self.action["goal"](outs[state_seg][:, 0])  # (B, S)
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor], per_sample: bool = False) -> dict[str, torch.Tensor]:
         """Losses of one batch from `Processor.training_batch`: loss, plan_loss, action_loss, frame_loss
@@ -957,7 +973,7 @@ class VLA(nn.Module):
             if "goal_state" not in batch:
                 raise ValueError(f"VLA.compute_loss: goal_loss_weight={cfg.goal_loss_weight} needs batch['goal_state'] "
                                  f"(B, state_dim={cfg.state_dim}), normalized like the state; got keys {sorted(batch)}")
-            goal = self.action["goal"](outs[state_seg][:, 0])  # (B, S)
+            goal = self.goal_readout(outs, state_seg)  # (B, S)
             losses["goal_loss"] = (goal - batch["goal_state"]).pow(2).mean()
         if cfg.planner:
             logits = self.plan_logits(outs[1][:, :-1], words)  # (B, Lp-1, V)

@@ -30,6 +30,8 @@ class VLAConfig:
     vision_keypoints: int = 0  # conv only: K spatial-softmax keypoints per view, one more token per view (0 = off)
     state_dropout: float = 0.0  # training: each sample's state input is zeroed with this chance; 1.0 = no state at all
     goal_loss_weight: float = 0.0  # flow only: weight of the goal head (state at the next gripper switch); 0 = off
+    goal_head: str = "token"  # token: a linear read-out of the state token | point: soft-argmax over the first
+    #                           camera's patches, then a small MLP from that image point to the state
     n_obs_steps: int = 1
     horizon: int = 16
     d_model: int = 128
@@ -105,6 +107,8 @@ class VLAConfig:
         if g and self.action_head != "flow":
             raise ValueError(f"VLAConfig.goal_loss_weight={g} needs action_head='flow' (the goal head reads the state "
                              f"token of the action expert), got action_head={self.action_head!r}")
+        if self.goal_head not in ("token", "point"):
+            raise ValueError(f"VLAConfig.goal_head must be 'token' or 'point', got {self.goal_head!r}")
         if self.head_dim % 2:
             raise ValueError(f"VLAConfig.head_dim must be even (rotary embeddings), got {self.head_dim}")
         for width in ("d_model", "action_width", "frame_width"):
