@@ -581,6 +581,10 @@ class VLA(nn.Module):
 
             self.vlm["text_proj"] = nn.Linear(MINILM["hidden_size"], d)  # per-token states -> vlm width
         self.apply(self._init_weights)
+        if "goal_score" in getattr(self, "action", {}):  # the point -> state map: torch's default init, so that
+            for layer in self.action["goal"]:  # its gradient reaches the patch scores (at std 0.02 it barely does)
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
         if cfg.text == "minilm":  # after _init_weights, which would overwrite the pretrained weights
             from vla.text_encoder import BertEncoder
 
