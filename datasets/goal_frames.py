@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vla.datasets.sampler import PLAN_SEP
 from vla.datasets.store import StoreError
 
 FORMAT = "vla-goal-frames"
@@ -110,7 +111,7 @@ class GoalFrames:
         self.images = {c: np.asarray(root[f"images/{c}"][...]) for c in self.cameras}  # {cam: (N, H, W, 3)}
         self.state = np.asarray(root["state"][...], np.float32)  # (N, S)
         self.goal_state = np.asarray(root["goal_state"][...], np.float32)  # (N, S)
-        self.subtasks = [p.split("; ")[0] for p in self.plans]
+        self.subtasks = [p.split(PLAN_SEP)[0] for p in self.plans]
 
     def __len__(self) -> int:
         return len(self.tasks)

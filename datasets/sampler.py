@@ -38,6 +38,14 @@ except ImportError:  # pragma: no cover
     _TorchDataset = object
 
 
+PLAN_SEP = "; "
+
+
+def join_plan(labels: Sequence[str]) -> str:
+    """A plan's text: its labels with consecutive repeats merged, joined by ``PLAN_SEP`` (a,a,b -> "a; b")."""
+    return PLAN_SEP.join(lab for i, lab in enumerate(labels) if i == 0 or lab != labels[i - 1])
+
+
 class WindowBatch(Sequence):
     """A batch of windows as stacked numpy arrays; indexing gives the per-sample dict (views)."""
 
@@ -198,7 +206,7 @@ class WindowDataset(_TorchDataset):
             seg_labels = [names[j] for j in lab[seg_start]]
             ids = []
             for k in range(len(seg_labels)):
-                text = "; ".join(seg_labels[k:])
+                text = join_plan(seg_labels[k:])
                 j = table_index.get(text)
                 if j is None:
                     j = table_index[text] = len(table)

@@ -213,6 +213,8 @@ def store_plans(store: Any) -> list[str]:
     """The full plan of every episode of ``store``: its distinct consecutive subtask labels joined by "; "."""
     import numpy as np
 
+    from vla.datasets.sampler import join_plan
+
     names, labels = list(store.subtask_table), store.lowdim("subtask")
     plans = []
     for s, e in zip(store.episode_starts, store.episode_ends):
@@ -220,7 +222,7 @@ def store_plans(store: Any) -> list[str]:
         if not len(lab):
             continue
         first = np.concatenate([[0], np.flatnonzero(np.diff(lab)) + 1])  # first row of each label segment
-        plans.append("; ".join(names[int(j)] for j in lab[first]))
+        plans.append(join_plan([names[int(j)] for j in lab[first]]))
     return plans
 
 

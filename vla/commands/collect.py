@@ -326,6 +326,7 @@ def collect_goal_frames(cfg) -> dict[str, Any]:
     """``goal_frames=N``: N reset frames per task, each labelled with the state at the expert's first
     grasp (``vla.datasets.goal_frames``); written once, whole or not at all. Returns the summary."""
     from vla.datasets.goal_frames import write_goal_frames
+    from vla.datasets.sampler import join_plan
     from vla.envs import get_family, make_env
 
     s = _resolve(cfg)
@@ -351,8 +352,7 @@ def collect_goal_frames(cfg) -> dict[str, Any]:
                     frames["images"][cam].append(img)
                 frames["state"].append(obs["state"])
                 frames["goal_state"].append(goal)
-                plan = [lab for i, lab in enumerate(labels) if i == 0 or lab != labels[i - 1]]
-                frames["plan"].append("; ".join(plan))
+                frames["plan"].append(join_plan(labels))
                 frames["task"].append(task)
                 frames["instruction"].append(info["instruction"])
                 frames["seed"].append(seed)
