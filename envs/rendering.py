@@ -128,3 +128,33 @@ class CameraRenderer:
 
     def __del__(self) -> None:  # the renderer holds a GL context; free it with the env
         self.close()
+
+
+def camera_projection(model: Any, data: Any, camera: str, image_size: int | Sequence[int],
+                      rotated: bool = False) -> np.ndarray:
+    """The 3x4 matrix P that maps a world point (x, y, z, 1) to ``w * (column, row, 1)`` in ``camera``'s
+    image at ``image_size`` as :class:`CameraRenderer` returns it (row 0 at the top; ``rotated``: the
+    image was turned by 180 degrees). Pinhole model from the camera's pose in ``data`` (after
+    ``mj_forward``) and its vertical field of view; pixel centres sit at half-integers."""
+    import mujoco
+
+    cam = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
+    if cam < 0:
+        raise ValueError(f"camera_projection: the model has no camera {camera!r}")
+    h, w = image_hw(image_size)
+    f = 0.5 * h / np.tan(np.deg2rad(float(model.cam_fovy[cam])) / 2)  # focal length in pixels
+    rot = np.asarray(data.cam_xmat[cam], np.float64).reshape(3, 3)  # columns: camera x (right), y (up), z (back)
+    pos = np.asarray(data.cam_xpos[cam], np.float64)
+    # camera coordinates c = R^T (p - pos); pixel column = w/2 + f cx / -cz, row = h/2 - f cy / -cz
+    k = np.array([[f, 0.0, w / 2], [0.0, -f, h / 2], [0.0, 0.0, 1.0]]) @ np.diag([1.0, 1.0, -1.0])
+    p = k @ np.hstack([rot.T, -(rot.T @ pos)[:, None]])  # (3, 4)
+    if rotated:  # (col, row) -> (w - col, h - row)
+        p = np.array([[-1.0, 0.0, w], [0.0, -1.0, h], [0.0, 0.0, 1.0]]) @ p
+    return p
+
+
+def project_points(p: np.ndarray, xyz: np.ndarray) -> np.ndarray:
+    """Pixel (column, row) f32[..., 2] of world points ``xyz`` [..., 3] through a `camera_projection` P."""
+    xyz = np.asarray(xyz, np.float64)
+    uvw = xyz @ p[:, :3].T + p[:, 3]  # (..., 3)
+    return (uvw[..., :2] / uvw[..., 2:3]).astype(np.float32)

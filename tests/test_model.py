@@ -87,7 +87,8 @@ def test_plan_is_causal_and_padding_is_invisible():
 
 
 @pytest.mark.parametrize("kw", [dict(frame="condition", knowledge_insulation=True), dict(frame="aux", experts="dense"),
-                                dict(action_head="discrete", frame="aux"), dict(planner=False)])
+                                dict(action_head="discrete", frame="aux"), dict(planner=False),
+                                dict(vision="conv", goal_loss_weight=1.0, goal_head="point", goal_condition=True)])
 def test_cached_sampling_equals_uncached(kw):
     torch.manual_seed(0)
     model = VLA(tiny_config(**kw)).eval()
@@ -106,6 +107,8 @@ def test_cached_sampling_equals_uncached(kw):
     else:
         assert a["frame"].shape == (B, 3, 8, 8) and a["frame"].abs().max() <= 1
         assert torch.allclose(a["frame"], b["frame"], atol=1e-5)
+    if model.cfg.goal_condition:  # the goal the state token read, from both paths
+        assert a["goal"].shape == (B, model.cfg.state_dim) and torch.allclose(a["goal"], b["goal"], atol=1e-5)
 
 
 def test_given_plan_is_used_and_missing_plan_is_an_error():

@@ -307,3 +307,39 @@ def test_point_goal_head_reads_where_the_bright_patch_is():
     assert torch.allclose(swapped, pred.flip(0), atol=1e-5)  # the goal follows the image
     with pytest.raises(ValueError, match="goal_head must be 'token' or 'point'"):
         tiny_config(goal_head="center")
+
+
+def test_goal_condition_steers_the_actions_with_the_goal():
+    """goal_condition: in training the state token reads the true goal (noise 0 here), so the action loss
+    depends on it; at inference it reads the point head's prediction, returned as out["goal"] and equal to
+    `predict_goal`; a different goal gives different actions. Without the point head it is a config error."""
+    from model_helpers import model_batch, tiny_config
+
+    from vla.model import VLA
+
+    torch.manual_seed(0)
+    cfg = tiny_config(goal_loss_weight=1.0, goal_head="point", vision="conv", goal_condition=True,
+                      goal_condition_noise=0.0)
+    model = VLA(cfg).eval()
+    batch = model_batch(cfg)
+    b = batch["state"].shape[0]
+    batch["goal_state"] = torch.randn(b, cfg.state_dim)
+    batch["time"] = torch.full((b,), 0.5)
+    with torch.no_grad():
+        loss = model.compute_loss(batch)["action_loss"]
+        assert torch.equal(model.compute_loss(batch)["action_loss"], loss)  # no noise: deterministic
+        moved = model.compute_loss(dict(batch, goal_state=batch["goal_state"] + 1.0))["action_loss"]
+    assert not torch.allclose(moved, loss)  # the actions read the given goal
+    noise = torch.randn(b, cfg.horizon, cfg.action_dim)
+    out = model.sample(batch, noise=noise)
+    with torch.no_grad():
+        assert torch.allclose(out["goal"], model.predict_goal(batch), atol=1e-5)
+        model.action["goal_in"].bias.add_(1.0)  # the same prediction, read differently: other actions
+    assert not torch.allclose(model.sample(batch, noise=noise)["actions"], out["actions"])
+    with pytest.raises(ValueError, match="goal_condition=true needs the goal"):
+        model.embed_state(batch["state"])
+    with pytest.raises(ValueError, match="goal_condition=true needs the point goal head"):
+        tiny_config(goal_loss_weight=1.0, goal_condition=True)
+    with pytest.raises(ValueError, match="goal_condition_noise must be >= 0"):
+        tiny_config(goal_loss_weight=1.0, goal_head="point", goal_condition=True, goal_condition_noise=-1.0)
+    assert "goal_in" not in VLA(tiny_config(goal_loss_weight=1.0, goal_head="point", vision="conv")).action

@@ -560,6 +560,8 @@ class VLA(nn.Module):
                 gh, gw = cfg.image_hw[0] // p, cfg.image_hw[1] // p
                 ys, xs = torch.meshgrid(torch.linspace(-1, 1, gh), torch.linspace(-1, 1, gw), indexing="ij")
                 self.register_buffer("goal_grid", torch.stack([xs, ys], -1).reshape(-1, 2), persistent=False)
+                if cfg.goal_condition:  # the state token reads the goal too
+                    self.action["goal_in"] = nn.Linear(cfg.state_dim, wa)
             elif cfg.goal_loss_weight > 0:  # auxiliary: the state token predicts where the hand grasps/lets go next
                 self.action["goal"] = nn.Linear(wa, cfg.state_dim)
         if cfg.frame != "off":
@@ -769,8 +771,16 @@ class VLA(nn.Module):
             return state * keep.to(state.dtype)
         return state
 
-    def embed_state(self, state: torch.Tensor) -> Segment:
-        x = self.action["state"](self.state_input(state))[:, None]  # (B, 1, Wa); no time cond, so it can be cached
+    def embed_state(self, state: torch.Tensor, goal: torch.Tensor | None = None) -> Segment:
+        """The action expert's state token; with ``goal_condition`` it also reads ``goal`` (B, S), the
+        normalized state at the next gripper switch (training: the true one plus noise; inference: the
+        goal head's prediction, `goal_from_prefix`)."""
+        x = self.action["state"](self.state_input(state))  # (B, Wa)
+        if self.cfg.goal_condition:
+            if goal is None:
+                raise ValueError("VLA.embed_state: goal_condition=true needs the goal (B, state_dim), got None")
+            x = x + self.action["goal_in"](goal.to(x.dtype))
+        x = x[:, None]  # (B, 1, Wa); no time cond, so it can be cached
         return Segment("action", x, STATE, False, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
 
     def embed_actions(self, x_t: torch.Tensor, t: torch.Tensor) -> Segment:
@@ -926,19 +936,39 @@ class VLA(nn.Module):
         if "goal" not in getattr(self, "action", {}):
             raise ValueError("VLA.predict_goal: this model has no goal head (train with model.goal_loss_weight > 0)")
         segs, _ = self.teacher_forced_context(batch)
+        if self.cfg.goal_head == "point":  # read off the prefix alone (which sees nothing after it)
+            return self.goal_from_prefix(self._run(segs[:1])[0][0])
         segs.append(self.embed_state(batch["state"]))  # the state token sees PREFIX+PLAN only
         outs, _ = self._run(segs)
         return self.goal_readout(outs, len(segs) - 1)  # (B, S)
+
+    def goal_from_prefix(self, prefix_out: torch.Tensor) -> torch.Tensor:
+        """The point goal head's prediction (B, S) from the prefix's final states (B, N, D)."""
+        return self.goal_readout([prefix_out], 0)
 
     def goal_readout(self, outs: list[torch.Tensor], state_seg: int) -> torch.Tensor:
         """The goal head (B, S). ``token``: a linear map of the state token. ``point``: a score per patch of
         the first camera (its final vlm states), softmax, the expected patch centre (x, y) in [-1, 1], then
         an MLP to the state: where the goal is must come from *which patch* the words pick out."""
         if self.cfg.goal_head == "point":
-            n = self.goal_grid.shape[0]  # the first view's patches lead the prefix
-            w = self.action["goal_score"](outs[0][:, :n]).squeeze(-1).float().softmax(-1)  # (B, Np)
+            w = self.goal_scores(outs[0]).softmax(-1)  # (B, Np)
             return self.action["goal"]((w @ self.goal_grid).to(outs[0].dtype))  # (B, S)
         return self.action["goal"](outs[state_seg][:, 0])  # (B, S)
+
+    def goal_scores(self, prefix_out: torch.Tensor) -> torch.Tensor:
+        """The point goal head's score (logit, f32) per patch of the first camera (B, Np), row-major."""
+        n = self.goal_grid.shape[0]  # the first view's patches lead the prefix
+        return self.action["goal_score"](prefix_out[:, :n]).squeeze(-1).float()
+
+    def goal_patch_target(self, pixel: torch.Tensor) -> torch.Tensor:
+        """The first camera's patch (row-major index, B) holding pixel (column, row) (B, 2); -100 where the
+        pixel is outside the image or unknown (NaN)."""
+        p, (h, w) = self.cfg.patch_size, self.cfg.image_hw
+        inside = (pixel[:, 0] >= 0) & (pixel[:, 0] < w) & (pixel[:, 1] >= 0) & (pixel[:, 1] < h)
+        ok = torch.isfinite(pixel).all(-1) & inside
+        cell = torch.nan_to_num(pixel, 0.0).clamp_min(0).div(p).floor().long()  # (B, 2)
+        idx = cell[:, 1].clamp_max(h // p - 1) * (w // p) + cell[:, 0].clamp_max(w // p - 1)
+        return idx.masked_fill(~ok, -100)
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor], per_sample: bool = False) -> dict[str, torch.Tensor]:
         """Losses of one batch from `Processor.training_batch`: loss, plan_loss, action_loss, frame_loss
@@ -958,7 +988,10 @@ class VLA(nn.Module):
             noise = batch["noise"] if "noise" in batch else torch.randn_like(actions)
             x_t, u = interpolate(actions, noise, t)  # (B, H, A) x2
             state_seg = len(segs)
-            segs += [self.embed_state(batch["state"]), self.embed_actions(x_t, t)]
+            goal_in = None
+            if cfg.goal_condition:  # teacher forcing: the true goal, blurred so the image still matters
+                goal_in = batch["goal_state"] + cfg.goal_condition_noise * torch.randn_like(batch["goal_state"])
+            segs += [self.embed_state(batch["state"], goal_in), self.embed_actions(x_t, t)]
         else:
             target = self.tok.actions_to_tokens(actions).reshape(b, -1)  # (B, H*A)
             sep = torch.full((b, 1), self.tok.sep_id, dtype=torch.long, device=dev)
@@ -979,6 +1012,14 @@ class VLA(nn.Module):
                                  f"(B, state_dim={cfg.state_dim}), normalized like the state; got keys {sorted(batch)}")
             goal = self.goal_readout(outs, state_seg)  # (B, S)
             losses["goal_loss"] = (goal - batch["goal_state"]).pow(2).mean()
+        if cfg.goal_patch_loss_weight > 0:  # which patch holds the goal: asked of every patch at once
+            if "goal_pixel" not in batch:
+                raise ValueError(f"VLA.compute_loss: goal_patch_loss_weight={cfg.goal_patch_loss_weight} needs "
+                                 f"batch['goal_pixel'] (B, 2), the goal's (column, row) in the first camera; "
+                                 f"got keys {sorted(batch)}")
+            target = self.goal_patch_target(batch["goal_pixel"])  # (B,)
+            ce = F.cross_entropy(self.goal_scores(outs[0]), target, ignore_index=-100, reduction="sum")
+            losses["goal_patch_loss"] = ce / (target >= 0).sum().clamp_min(1)
         if cfg.planner:
             logits = self.plan_logits(outs[1][:, :-1], words)  # (B, Lp-1, V)
             m = batch["plan_mask"][:, 1:]
@@ -1005,6 +1046,8 @@ class VLA(nn.Module):
                           + cfg.frame_loss_weight * losses["frame_loss"])
         if cfg.goal_loss_weight > 0:
             losses["loss"] = losses["loss"] + cfg.goal_loss_weight * losses["goal_loss"]
+        if cfg.goal_patch_loss_weight > 0:
+            losses["loss"] = losses["loss"] + cfg.goal_patch_loss_weight * losses["goal_patch_loss"]
         return losses
 
     # ------------------------------------------------------------------------------- inference
@@ -1033,6 +1076,7 @@ class VLA(nn.Module):
         steps = num_steps or cfg.flow_steps
         b, dev = batch["images"].shape[0], batch["images"].device
         prefix = self.embed_prefix(batch)
+        prefix_out = None  # the prefix's outputs, once run (the point goal head reads them)
         words = None
         if cfg.planner and self.plan_vocab is not None:
             n_img = cfg.num_image_tokens
@@ -1048,7 +1092,8 @@ class VLA(nn.Module):
                 pending.append(self.embed_plan(plan_tokens, batch["plan_mask"], words))
             elif decode_plan:  # word plans: the instructions spell the copy slots for the decoding rules
                 texts = None if self.plan_vocab is None else self._instruction_texts(batch, b)
-                cache, pending = self._run(pending, keep_kv=True, reserve=reserve)[1], []
+                outs, cache = self._run(pending, keep_kv=True, reserve=reserve)
+                prefix_out, pending = outs[0], []
                 clock.lap("prefix_s")
                 plan_tokens, _, cache = self._decode([prefix], cache, PLAN, cfg.max_plan_tokens,
                                                      self.plan_tok.plan_id, b, words=words, texts=texts)
@@ -1058,7 +1103,13 @@ class VLA(nn.Module):
                                  "and decode_plan=False")
         out = self._plan_output(batch, plan_tokens, b)
         if cfg.action_head == "flow":
-            pending.append(self.embed_state(batch["state"]))
+            goal = None
+            if cfg.goal_condition:  # the goal head reads the prefix: run it before the state token
+                if pending:
+                    outs, cache = self._run(pending, cache, keep_kv=True, reserve=reserve)
+                    prefix_out, pending = outs[0], []
+                goal = out["goal"] = self.goal_from_prefix(prefix_out)  # (B, S), normalized
+            pending.append(self.embed_state(batch["state"], goal))
         if pending:
             cache = self._run(pending, cache, keep_kv=True, reserve=reserve)[1]
             clock.lap("prefix_s")
@@ -1231,7 +1282,10 @@ class VLA(nn.Module):
             ids, _, _ = self._decode(ctx, None, ACTION, n + 1, tok.sep_id, b, keep_last=False)
             out["actions"] = tok.tokens_to_actions(ids[:, 1:]).view(b, cfg.horizon, cfg.action_dim)
         else:
-            ctx.append(self.embed_state(batch["state"]))
+            goal = None
+            if cfg.goal_condition:
+                goal = out["goal"] = self.goal_from_prefix(self._run(ctx[:1])[0][0])  # (B, S)
+            ctx.append(self.embed_state(batch["state"], goal))
             ha = (cfg.horizon, cfg.action_dim)
             noise = torch.randn(b, *ha, device=dev) if noise is None else noise
             if noise.shape != (b, *ha):

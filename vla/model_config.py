@@ -32,6 +32,11 @@ class VLAConfig:
     goal_loss_weight: float = 0.0  # flow only: weight of the goal head (state at the next gripper switch); 0 = off
     goal_head: str = "token"  # token: a linear read-out of the state token | point: soft-argmax over the first
     #                           camera's patches, then a small MLP from that image point to the state
+    goal_condition: bool = False  # point head only: the state token also reads the goal (training: the true goal
+    #                               plus noise; inference: the goal head's prediction), so a right choice steers
+    goal_condition_noise: float = 0.1  # std of the noise on the true goal in training (normalized state units)
+    goal_patch_loss_weight: float = 0.0  # point head only: cross-entropy of its patch scores against the patch
+    #                                      that holds the goal's projection in the first camera (0 = off)
     n_obs_steps: int = 1
     horizon: int = 16
     d_model: int = 128
@@ -109,6 +114,20 @@ class VLAConfig:
                              f"token of the action expert), got action_head={self.action_head!r}")
         if self.goal_head not in ("token", "point"):
             raise ValueError(f"VLAConfig.goal_head must be 'token' or 'point', got {self.goal_head!r}")
+        if self.goal_condition and not (g and self.goal_head == "point"):
+            raise ValueError("VLAConfig.goal_condition=true needs the point goal head (goal_loss_weight > 0 and "
+                             f"goal_head='point': the goal is read off the prefix before the state token), got "
+                             f"goal_loss_weight={g}, goal_head={self.goal_head!r}")
+        if not float(self.goal_condition_noise) >= 0.0:
+            raise ValueError(f"VLAConfig.goal_condition_noise must be >= 0 (a std), got {self.goal_condition_noise!r}")
+        self.goal_condition_noise = float(self.goal_condition_noise)
+        gp = self.goal_patch_loss_weight
+        if isinstance(gp, bool) or not isinstance(gp, int | float) or not gp >= 0.0:
+            raise ValueError(f"VLAConfig.goal_patch_loss_weight must be a number >= 0 (0 = off), got {gp!r}")
+        self.goal_patch_loss_weight = float(gp)
+        if gp and not (g and self.goal_head == "point"):
+            raise ValueError(f"VLAConfig.goal_patch_loss_weight={gp} needs the point goal head (goal_loss_weight > 0 "
+                             f"and goal_head='point'), got goal_loss_weight={g}, goal_head={self.goal_head!r}")
         if self.head_dim % 2:
             raise ValueError(f"VLAConfig.head_dim must be even (rotary embeddings), got {self.head_dim}")
         for width in ("d_model", "action_width", "frame_width"):

@@ -64,6 +64,10 @@ class Processor:
 
             self.text_tokenizer = WordPieceTokenizer()
         self.plan_vocab = PlanVocab(config.plan_words, config.copy_slots) if config.plan_vocab == "words" else None
+        # training with goal_patch_loss_weight: the first camera's 3x4 projection (world xyz -> pixel) at the
+        # model's image size, set by the training loop (`camera_projection`); the state's first three
+        # entries are the hand's world position, so a goal state's are where the goal is
+        self.goal_camera: np.ndarray | None = None
         for key, dim in (("state", config.state_dim), ("action", config.action_dim)):
             if normalizer.dim(key) != dim:
                 raise ValueError(f"Processor: normalizer '{key}' statistics have dim {normalizer.dim(key)}, "
@@ -199,6 +203,15 @@ class Processor:
                 raise ValueError(f"goal_state: expected float [B={b}, S={cfg.state_dim}], "
                                  f"got shape {tuple(goal.shape)}")
             out["goal_state"] = self.normalizer.normalize("state", goal.to(device))  # (B, S)
+            if cfg.goal_patch_loss_weight > 0:
+                if self.goal_camera is None:
+                    raise ValueError(f"training_batch: model.goal_patch_loss_weight={cfg.goal_patch_loss_weight} needs "
+                                     "Processor.goal_camera, the first camera's 3x4 projection (the training loop "
+                                     "sets it from the store's env)")
+                from vla.envs.rendering import project_points
+
+                pix = project_points(self.goal_camera, goal[:, :3].double().numpy())  # (B, 2) column, row
+                out["goal_pixel"] = torch.from_numpy(pix).to(device)
         if cfg.frame != "off":
             out["future_frame"] = self.future_frame(batch["future_image"], device)
             fpad = _tensor(batch["future_is_pad"], "future_is_pad").reshape(-1)

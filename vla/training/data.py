@@ -80,3 +80,28 @@ def build_model_config(mcfg: dict[str, Any], store, dcfg: DictConfig):
         return VLAConfig.from_store(d, store)
     except (TypeError, ValueError) as e:
         raise ValueError(f"model config (with dims from {dcfg.path}): {e}") from None
+
+
+def store_camera_projection(store, camera: str, image_hw: tuple[int, int]):
+    """The 3x4 projection (world xyz -> pixel column, row) of ``camera`` at ``image_hw`` in the env the
+    store was collected in, as its images show it (one env made and reset; `goal_patch_loss_weight`).
+    The camera must be fixed in the world: a camera that moves with the hand has no one projection."""
+    import mujoco
+
+    from vla.envs.registry import make_env
+    from vla.envs.rendering import CameraRenderer, camera_projection
+
+    env = make_env(store.env, store.episode_tasks[0], cameras=[camera], image_size=tuple(image_hw),
+                   **store.env_options)
+    try:
+        env.reset(seed=0)
+        model, data = env.unwrapped.model, env.unwrapped.data
+        cam = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
+        if cam < 0 or model.cam_bodyid[cam] != 0:
+            where = "does not exist" if cam < 0 else f"is attached to body {model.body(model.cam_bodyid[cam]).name!r}"
+            raise ValueError(f"model.goal_patch_loss_weight needs the first camera (model.cameras[0] = {camera!r}) "
+                             f"fixed in the world of env {store.env!r}; it {where}")
+        rotated = CameraRenderer._is_upside_down(data, cam)
+        return camera_projection(model, data, camera, image_hw, rotated=rotated)
+    finally:
+        env.close()

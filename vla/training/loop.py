@@ -42,7 +42,7 @@ from vla.training import chunk_loader, guard
 from vla.training import distributed as dist_utils
 from vla.training.augment import AugmentConfig, augment_images, draw_params
 from vla.training.budget import TimeBudget
-from vla.training.data import build_model_config, open_store, select_episodes
+from vla.training.data import build_model_config, open_store, select_episodes, store_camera_projection
 from vla.training.data_order import DataPosition, ResumableBatchSampler, mix_seed, sample_weights, worker_init
 from vla.training.ema import EMA
 from vla.training.metrics import MeanAccumulator, MetricLog, fmt_losses, jsonable, per_task_means, write_run_info
@@ -124,6 +124,9 @@ class Trainer:
         self.normalizer = Normalizer(self.store.stats, mode=str(dcfg.normalization))
         self.tokenizer = ByteTokenizer(self.model_cfg.action_bins)
         self.processor = Processor(self.model_cfg, self.normalizer, self.tokenizer)
+        if self.model_cfg.goal_patch_loss_weight > 0:
+            self.processor.goal_camera = store_camera_projection(self.store, self.model_cfg.cameras[0],
+                                                                 self.model_cfg.image_hw)
         torch.manual_seed(mix_seed(self.seed, 0x1D17))  # same init on every rank
         model = VLA(self.model_cfg)
         if self.init_dir is not None:
@@ -281,19 +284,28 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------
 
-    def _augment(self, images: torch.Tensor, step: int) -> torch.Tensor:
-        """Augment this rank's images with parameters drawn for the global batch of step ``step``."""
+    def _augment(self, images: torch.Tensor, step: int,
+                 goal_pixel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment this rank's images with parameters drawn for the global batch of step ``step``; a
+        ``goal_pixel`` (B, 2) in the first camera moves with that camera's random shift."""
         if not self.augment.enabled:
-            return images
+            return images, goal_pixel
         b, v = images.shape[:2]
         gen = torch.Generator().manual_seed(mix_seed(self.seed, 0xA11, step))
         params = draw_params(self.augment, b * self.info.world_size, v, gen)  # (B*W, V) each
         lo = self.info.rank * b
-        return augment_images(images, self.augment, {k: p[lo : lo + b] for k, p in params.items()})
+        params = {k: p[lo : lo + b] for k, p in params.items()}
+        if goal_pixel is not None and int(self.augment.shift) > 0:
+            s = int(self.augment.shift)
+            d = torch.stack([params["dx"][:, 0], params["dy"][:, 0]], -1)  # (B, 2) crop offsets in [0, 2s]
+            goal_pixel = goal_pixel - (d - s).to(goal_pixel)  # out[r] = in[r + d - s]: content moves by s - d
+        return augment_images(images, self.augment, params), goal_pixel
 
     def _prepare(self, raw: dict[str, Any], step: int) -> dict[str, Any]:
         batch = self.processor.training_batch(raw, self.device)
-        batch["images"] = self._augment(batch["images"], step)  # (B, V, 3, H, W)
+        batch["images"], pixel = self._augment(batch["images"], step, batch.get("goal_pixel"))  # (B, V, 3, H, W)
+        if pixel is not None:
+            batch["goal_pixel"] = pixel
         return batch
 
     def _autocast(self):
