@@ -203,11 +203,7 @@ class Processor:
                 raise ValueError(f"goal_state: expected float [B={b}, S={cfg.state_dim}], "
                                  f"got shape {tuple(goal.shape)}")
             out["goal_state"] = self.normalizer.normalize("state", goal.to(device))  # (B, S)
-            if cfg.goal_patch_loss_weight > 0:
-                if self.goal_camera is None:
-                    raise ValueError(f"training_batch: model.goal_patch_loss_weight={cfg.goal_patch_loss_weight} needs "
-                                     "Processor.goal_camera, the first camera's 3x4 projection (the training loop "
-                                     "sets it from the store's env)")
+            if self.goal_camera is not None:  # the goal's pixel in the first camera (goal_patch_loss_weight)
                 from vla.envs.rendering import project_points
 
                 pix = project_points(self.goal_camera, goal[:, :3].double().numpy())  # (B, 2) column, row
