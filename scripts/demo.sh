@@ -13,13 +13,18 @@ cd "$(dirname "$0")/.."
 FAMILIES="${FAMILIES:-pick-place,pick-place-two}"
 EPISODES="${EPISODES:-100}"          # demonstrations per family (training seeds 0..EPISODES-1)
 IMAGE="${IMAGE:-96}"                 # px; objects are ~4 px wide at 64 (docs/RESULTS.md)
+LAYOUT="${LAYOUT:-slots}"            # slots: the scene's places are fixed, colours/goals vary | random
+GOAL_FRAMES="${GOAL_FRAMES:-2500}"   # env resets per family labelled with the first grasp (0 = none)
 STEPS="${STEPS:-1500}"               # training steps at batch 32
 EVAL_EPISODES="${EVAL_EPISODES:-25}" # per family, seeds from 1,000,000 (never collected)
 SPLIT="${SPLIT:-paraphrase}"         # paraphrase: held-out wording | eval: + held-out objects | train
 OUT="${OUT:-outputs/demo}"
 # The tabletop recipe (docs/RESULTS.md): pretrained MiniLM text with word-level plans, a conv stem
-# over 16 px patches whose features the instruction modulates (FiLM), task-balanced draws.
-RECIPE="${RECIPE:-text=minilm model.vision=conv model.vision_film=true model.patch_size=16 dataset.balance=task}"
+# over 16 px patches whose features the instruction modulates (FiLM), task-balanced draws, and a goal
+# head that points at the patch of the named object (trained on the demonstrations and the goal frames)
+# and whose point the action expert reads.
+RECIPE="${RECIPE:-text=minilm model.vision=conv model.vision_film=true model.patch_size=16 dataset.balance=task \
+model.goal_loss_weight=1.0 model.goal_head=point model.goal_patch_loss_weight=0.3 model.goal_condition=true}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"         # extra `vla train` overrides (recipe experiments)
 
 start=$(date +%s)
@@ -30,14 +35,21 @@ mkdir -p "$OUT"
 rm -rf "$OUT/demos.zarr" "$OUT/train" "$OUT/eval"
 
 echo "== 1/3 collect: $EPISODES scripted demonstrations per family of [$FAMILIES] ($IMAGE px front + wrist cameras)"
-vla collect env=tabletop "tasks=[$FAMILIES]" episodes="$EPISODES" workers=2 image_size="$IMAGE" \
-  "cameras=[front,wrist]" out="$OUT/demos.zarr" progress=false
+vla collect env=tabletop env.layout="$LAYOUT" "tasks=[$FAMILIES]" episodes="$EPISODES" workers=2 \
+  image_size="$IMAGE" "cameras=[front,wrist]" out="$OUT/demos.zarr" progress=false
 vla dataset info "$OUT/demos.zarr"
+rm -rf "$OUT/goal_frames.zarr"
+GOAL_ARGS=""
+if [ "$GOAL_FRAMES" -gt 0 ]; then  # seeds 100,000+: apart from the demonstrations and the evaluation
+  vla collect env=tabletop env.layout="$LAYOUT" "tasks=[$FAMILIES]" goal_frames="$GOAL_FRAMES" image_size="$IMAGE" \
+    "cameras=[front,wrist]" seed_start=100000 out="$OUT/goal_frames.zarr"
+  GOAL_ARGS="dataset.goal_frames=$OUT/goal_frames.zarr"
+fi
 
 echo "== 2/3 train: one tiny VLA for every family, $STEPS steps on the CPU"
 # shellcheck disable=SC2086
 vla train dataset.path="$OUT/demos.zarr" model=tiny trainer=cpu trainer.steps="$STEPS" \
-  trainer.progress=false trainer.log_every=250 run_dir="$OUT/train" $RECIPE $TRAIN_ARGS
+  trainer.progress=false trainer.log_every=250 run_dir="$OUT/train" $RECIPE $GOAL_ARGS $TRAIN_ARGS
 
 echo "== 3/3 evaluate: $EVAL_EPISODES episodes per family on unseen seeds, instruction split '$SPLIT'"
 vla eval checkpoint="$OUT/train" episodes="$EVAL_EPISODES" n_envs=2 instruction_split="$SPLIT" \

@@ -121,7 +121,7 @@ def test_all_split_mixes_templates_over_training_objects():
 
 def test_main_job_script_in_a_smoke_configuration(tmp_path):
     env = dict(os.environ, SKIP_SETUP="1", FAMILIES="pick-place,pick-place-two", EPISODES="1", IMAGE="32",
-               STEPS="2", EVAL_EPISODES="1", OUT=str(tmp_path / "demo"),
+               STEPS="2", EVAL_EPISODES="1", OUT=str(tmp_path / "demo"), GOAL_FRAMES="8",
                TRAIN_ARGS="model.d_model=32 model.n_layers=1 model.action_width=16 trainer.ckpt_every=0",
                PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
     if not (ROOT / ".venv" / "bin" / "vla").exists():
@@ -133,3 +133,6 @@ def test_main_job_script_in_a_smoke_configuration(tmp_path):
     assert info["tasks"] == ["pick-place", "pick-place-two"] and info["instruction_split"] == "paraphrase"
     assert len(info["per_episode"]) == 2 and len(info["videos"]) == 2
     assert "overall (pooled)" in proc.stdout and "mean over tasks" in proc.stdout
+    assert (tmp_path / "demo" / "goal_frames.zarr").is_dir()  # the goal frames joined training
+    train_cfg = (tmp_path / "demo" / "train" / "config.yaml").read_text()
+    assert "goal_frames.zarr" in train_cfg and "goal_patch_loss_weight: 0.3" in train_cfg
