@@ -1016,9 +1016,8 @@ class VLA(nn.Module):
             if "goal_pixel" not in batch:
                 raise ValueError(f"VLA.compute_loss: goal_patch_loss_weight={cfg.goal_patch_loss_weight} needs "
                                  f"batch['goal_pixel'] (B, 2), the goal's (column, row) in the first camera "
-                                 f"(training_batch gives it once Processor.goal_camera is set, as the training loop "
-                                 f"does); "
-                                 f"got keys {sorted(batch)}")
+                                 f"(training_batch gives it once Processor.goal_camera is set, as the training "
+                                 f"loop does); got keys {sorted(batch)}")
             target = self.goal_patch_target(batch["goal_pixel"])  # (B,)
             ce = F.cross_entropy(self.goal_scores(outs[0]), target, ignore_index=-100, reduction="sum")
             losses["goal_patch_loss"] = ce / (target >= 0).sum().clamp_min(1)
