@@ -935,9 +935,9 @@ class VLA(nn.Module):
         or receptacle is. Needs ``goal_loss_weight`` > 0."""
         if "goal" not in getattr(self, "action", {}):
             raise ValueError("VLA.predict_goal: this model has no goal head (train with model.goal_loss_weight > 0)")
-        segs, _ = self.teacher_forced_context(batch)
         if self.cfg.goal_head == "point":  # read off the prefix alone (which sees nothing after it)
-            return self.goal_from_prefix(self._run(segs[:1])[0][0])
+            return self.goal_from_prefix(self._run([self.embed_prefix(batch)])[0][0])
+        segs, _ = self.teacher_forced_context(batch)
         segs.append(self.embed_state(batch["state"]))  # the state token sees PREFIX+PLAN only
         outs, _ = self._run(segs)
         return self.goal_readout(outs, len(segs) - 1)  # (B, S)
