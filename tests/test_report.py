@@ -12,10 +12,13 @@ import yaml
 from train_utils import TINY, make_store
 
 
-def _fake_run(root: Path, name: str, cfg: dict, per_task: dict[str, tuple[int, int]], params: int = 1000) -> Path:
+def _fake_run(root: Path, name: str, cfg: dict, per_task: dict[str, tuple[int, int]], params: int = 1000,
+              flops: int | None = None) -> Path:
     run = root / name
     (run / "eval" / "step_0000100").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if flops is not None:
+        (run / "run_info.json").write_text(json.dumps({"flops_per_chunk": flops}))
     (run / "train.log").write_text(f"start step=0 steps=100 params={params}\nend step=100\n")
     info = {"per_task": {t: {"successes": k, "episodes": n, "success_rate": k / n} for t, (k, n) in per_task.items()}}
     (run / "eval" / "step_0000100" / "eval_info.json").write_text(json.dumps(info))
@@ -28,8 +31,10 @@ def test_report_groups_seeds_into_variants_and_pools_with_wilson(tmp_path, capsy
 
     base = {"seed": 0, "planner": True, "model": {"d_model": 64}, "run_dir": "x", "dataset": {"path": "a"}}
     runs = [
-        _fake_run(tmp_path, "on0", {**base, "seed": 0, "run_dir": "r0"}, {"stack": (8, 10), "push": (5, 10)}),
-        _fake_run(tmp_path, "on1", {**base, "seed": 1, "run_dir": "r1"}, {"stack": (6, 10), "push": (5, 10)}),
+        _fake_run(tmp_path, "on0", {**base, "seed": 0, "run_dir": "r0"}, {"stack": (8, 10), "push": (5, 10)},
+                  flops=600_000_000),
+        _fake_run(tmp_path, "on1", {**base, "seed": 1, "run_dir": "r1"}, {"stack": (6, 10), "push": (5, 10)},
+                  flops=640_000_000),
         _fake_run(tmp_path, "off0", {**base, "planner": False, "seed": 0}, {"stack": (2, 10), "push": (4, 10)}),
     ]
     table = build_table([load_run(r) for r in runs])
@@ -44,10 +49,14 @@ def test_report_groups_seeds_into_variants_and_pools_with_wilson(tmp_path, capsy
     assert on["pooled"] == {"successes": 24, "episodes": 40, "rate": 0.6, "ci95": list(wilson_interval(24, 40))}
     assert on["mean_over_tasks"] == pytest.approx((0.7 + 0.5) / 2)
     assert on["steps"] == 100 and on["params"] == 1000
+    # FLOPs per chunk differ between seeds (the first sample's decoded plan): the table gives their mean.
+    assert on["flops_per_chunk"] == pytest.approx(620_000_000)
+    assert table["variants"][1]["flops_per_chunk"] is None
 
     assert main([str(r) for r in runs] + ["--out", str(tmp_path / "rep"), "--title", "planner"]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| planner=on | 0,1 | 70% [" in md and "(14/20)" in md and "| planner=off | 0 |" in md
+    assert "| 0.62 |" in md
     assert (tmp_path / "rep" / "report.png").stat().st_size > 1000
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["tasks"] == ["stack", "push"]
     assert "planner=on" in capsys.readouterr().out

@@ -155,7 +155,8 @@ def build_table(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "steps": _same_or_list([r["steps"] for r in group]),
             "wall_s_mean": _mean([r["wall_s"] for r in group]),
             "params": _same_or_list([r["params"] for r in group]),
-            "flops_per_chunk": _same_or_list([r["flops_per_chunk"] for r in group]),
+            # Counted on each run's first training sample, whose decoded plan length varies: the seeds' mean.
+            "flops_per_chunk": _mean([r["flops_per_chunk"] for r in group]),
         })
     return {"tasks": tasks, "variants": variants}
 
@@ -194,7 +195,7 @@ def format_markdown(table: dict[str, Any], title: str | None = None) -> str:
         cells.append(f"{v['wall_s_mean'] / 60:.1f}" if v["wall_s_mean"] is not None else "—")
         cells.append(f"{v['params'] / 1e6:.2f}M" if isinstance(v["params"], int) else "—")
         f = v["flops_per_chunk"]
-        cells.append(f"{f / 1e9:.2f}" if isinstance(f, (int, float)) else "—")
+        cells.append(f"{f / 1e9:.2f}" if f is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Cells: success rate [Wilson 95% interval] (successes/episodes), pooled over the variant's "
               "training seeds; `mean over tasks` averages the per-task rates."]
