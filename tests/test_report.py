@@ -105,3 +105,13 @@ def test_multirun_refuses_run_dir(tmp_path):
 
     with pytest.raises(ValueError, match="run_dir and resume cannot be given to a sweep"):
         main(["-m", "seed=0,1", f"run_dir={tmp_path}"])
+
+
+def test_sweep_job_names_use_only_the_swept_keys():
+    from vla.commands.train import job_names, sweep_jobs
+
+    overrides = ["experts=dense", "seed=0,1", "model.vision_film=true", "model.d_model=16,32"]
+    jobs = sweep_jobs(overrides)
+    assert len(jobs) == 4 and all("model.vision_film=True" in j for j in jobs)  # Hydra re-spells the fixed bool
+    assert job_names(overrides, jobs) == ["00_seed-0_d_model-16", "01_seed-0_d_model-32",
+                                          "02_seed-1_d_model-16", "03_seed-1_d_model-32"]

@@ -74,6 +74,18 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def job_names(overrides: list[str], jobs: list[list[str]]) -> list[str]:
+    """Folder names of a sweep's jobs: index + the swept keys' values ('00_seed-0_d_model-16').
+
+    Only keys with more than one value name a job: a fixed override that Hydra re-spells while expanding
+    (``true`` -> ``True``) would otherwise look swept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()}
+    return [f"{i:02d}_" + "_".join(_short(o) for o in job if o.partition("=")[0] in swept)
+            for i, job in enumerate(jobs)]
+
+
 def multirun(overrides: list[str]) -> int:
     """Train every job of the sweep in its own process; write multirun.yaml and the report."""
     import datetime as dt
@@ -95,7 +107,7 @@ def multirun(overrides: list[str]) -> int:
     sweep_dir = Path(base.get("output_root") or "outputs") / "multirun" / now.strftime("%Y-%m-%d") / (
         now.strftime("%H-%M-%S") + f"_{base.get('name') or 'train'}")
     sweep_dir.mkdir(parents=True, exist_ok=False)
-    names = [f"{i:02d}_" + "_".join(_short(o) for o in job if o not in overrides) for i, job in enumerate(jobs)]
+    names = job_names(overrides, jobs)
     (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(
         {"overrides": overrides, "jobs": [{"dir": n, "overrides": j} for n, j in zip(names, jobs)]}, sort_keys=False))
     print(f"vla train -m: {len(jobs)} jobs under {sweep_dir}", flush=True)
