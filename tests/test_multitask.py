@@ -72,6 +72,7 @@ def test_training_logs_per_task_losses_with_balance(tmp_path):
     assert any("action_loss/reach" in r and "action_loss/push" in r for r in train_rows)
     info = json.loads((run / "run_info.json").read_text())
     assert info["steps"] == 3 and info["params"] > 0 and info["flops_per_chunk"] > 0 and info["wall_s"] > 0
+    assert info["eval_s"] == 0.0  # no closed-loop evaluation inside this run (wall_s is training only)
     from vla.config import compose
 
     with pytest.raises(ValueError, match="dataset.balance: expected 'none' or 'task', got 'families'"):

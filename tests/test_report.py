@@ -115,3 +115,30 @@ def test_sweep_job_names_use_only_the_swept_keys():
     assert len(jobs) == 4 and all("model.vision_film=True" in j for j in jobs)  # Hydra re-spells the fixed bool
     assert job_names(overrides, jobs) == ["00_seed-0_d_model-16", "01_seed-0_d_model-32",
                                           "02_seed-1_d_model-16", "03_seed-1_d_model-32"]
+
+
+def test_report_rows_follow_the_evaluation_conditions_not_the_training_eval_schedule(tmp_path):
+    from vla.commands.report import build_table, load_run
+
+    base = {"seed": 0, "planner": True, "eval": {"every": 0, "episodes": 10}}
+    sweep = {**base, "seed": 1, "eval": {"every": 3000, "episodes": 50}}  # a sweep job that evaluated itself
+    runs = [_fake_run(tmp_path, "a", base, {"push": (5, 10)}), _fake_run(tmp_path, "b", sweep, {"push": (7, 10)}),
+            _fake_run(tmp_path, "c", base, {"push": (9, 10)})]
+    for run, split in zip(runs, ("paraphrase", "paraphrase", "train")):
+        p = run / "eval" / "step_0000100" / "eval_info.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), "instruction_split": split, "seed_start": 3}))
+    table = build_table([load_run(r) for r in runs])
+    assert [(v["variant"], v["seeds"]) for v in table["variants"]] == [
+        ("eval.instruction_split=paraphrase", [0, 1]), ("eval.instruction_split=train", [0])]
+
+
+def test_report_wall_time_leaves_out_evaluations_run_inside_training(tmp_path):
+    from vla.commands.report import load_run
+
+    run = _fake_run(tmp_path, "old", {"seed": 0}, {"push": (1, 2)})
+    p = run / "eval" / "step_0000100" / "eval_info.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), "aggregated": {"eval_s": 30.0}}))
+    (run / "run_info.json").write_text(json.dumps({"wall_s": 100.0}))  # before eval_s was recorded: included
+    assert load_run(run)["wall_s"] == pytest.approx(70.0)
+    (run / "run_info.json").write_text(json.dumps({"wall_s": 100.0, "eval_s": 31.0}))  # already training only
+    assert load_run(run)["wall_s"] == pytest.approx(100.0)

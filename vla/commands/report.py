@@ -3,7 +3,8 @@
 Gathers the closed-loop evaluations of training runs (a Hydra multirun sweep, or any run folders)
 into a Markdown table and a PNG chart: one row per variant (runs whose configs differ only by
 ``seed`` are one variant), success per task family pooled over the variant's seeds with a Wilson
-95% interval, the per-seed rates, steps, wall time, parameters and FLOPs per action chunk.
+95% interval, the per-seed rates, steps, training wall time (without the evaluations a sweep runs inside
+training), parameters and FLOPs per action chunk.
 
     vla train -m planner=on,off seed=0,1 dataset.path=data/tt.zarr eval.every=3000 eval.env=tabletop ...
     vla report outputs/multirun/2026-11-23/12-00-00_train/*  --out docs/ablations/planner
@@ -11,7 +12,9 @@ into a Markdown table and a PNG chart: one row per variant (runs whose configs d
 A RUN_DIR is a training run folder (``config.yaml`` + ``eval/step_*/eval_info.json``; the evaluation
 of the last step is used) or an evaluation folder (``eval_info.json`` whose ``checkpoint`` points at
 its training run). A variant's label is made of the config keys whose values differ between the
-runs given (seed, paths and names left out), so the table says what was varied and nothing else.
+runs given (seed, paths and names left out) and of the conditions their evaluations ran under
+(``eval.instruction_split``, ``eval.seed_start``, ...: from eval_info.json, not from the training
+config), so the table says what was varied and nothing else.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ HELP = __doc__
 # Keys that never define a variant: where things are written, which seed, how often to log.
 IGNORED_PREFIXES = ("seed", "run_dir", "name", "output_root", "resume", "init_from", "wandb.", "trainer.progress",
                     "trainer.log_every", "trainer.ckpt_every", "trainer.keep_last", "trainer.num_workers",
-                    "trainer.num_threads", "eval.videos", "eval.n_envs", "dataset.path", "hydra.")
+                    "trainer.num_threads", "dataset.path", "hydra.")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -82,8 +85,11 @@ def _train_facts(run: Path) -> dict[str, Any]:
     """Steps, wall time, parameters and FLOPs per chunk from the run's own records (None when absent)."""
     facts: dict[str, Any] = {"steps": None, "wall_s": None, "params": None, "flops_per_chunk": None}
     info = run / "run_info.json"
+    eval_excluded = False  # runs since 2026-12-04 record wall_s without their in-run evaluations (and eval_s)
     if info.is_file():
-        facts.update({k: v for k, v in json.loads(info.read_text()).items() if k in facts})
+        recorded = json.loads(info.read_text())
+        facts.update({k: v for k, v in recorded.items() if k in facts})
+        eval_excluded = "eval_s" in recorded
     log = run / "train.log"
     if log.is_file():
         for line in log.read_text().splitlines():
@@ -94,12 +100,30 @@ def _train_facts(run: Path) -> dict[str, Any]:
                 facts["steps"] = int(fields["step"])
                 if "wall_s" in fields and facts["wall_s"] is None:
                     facts["wall_s"] = float(fields["wall_s"])
+                    eval_excluded = "eval_s" in fields
+    if facts["wall_s"] is not None and not eval_excluded:  # older runs: take the rollouts' own time out
+        facts["wall_s"] -= sum(float((json.loads(p.read_text()).get("aggregated") or {}).get("eval_s") or 0.0)
+                               for p in run.glob("eval/*/eval_info.json"))
     return facts
+
+
+# What an evaluation was run on (from its eval_info.json): runs evaluated differently are different rows.
+EVAL_CONDITIONS = ("instruction_split", "instruction", "seed_start", "episodes_per_task", "max_steps")
+
+
+def variant_keys(run: dict[str, Any]) -> dict[str, Any]:
+    """The flat keys that define a run's variant: its training config, except the ``eval.*`` section
+    (which only schedules evaluations inside training), plus the conditions its evaluation actually ran
+    under as ``eval.<key>``. So a sweep's in-run evaluation and a separate `vla eval` of the same
+    checkpoint on the same split and seeds land in one row."""
+    flat = {k: v for k, v in flatten(run["config"]).items() if not k.startswith("eval.")}
+    flat.update({f"eval.{k}": run["eval"].get(k) for k in EVAL_CONDITIONS})
+    return flat
 
 
 def group_variants(runs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """Runs grouped by the config values that differ between them (seed and bookkeeping keys ignored)."""
-    flat = [flatten(r["config"]) for r in runs]
+    flat = [variant_keys(r) for r in runs]
     keys = sorted({k for f in flat for k in f})
     varied = [k for k in keys if not k.startswith(IGNORED_PREFIXES)
               and len({repr(f.get(k)) for f in flat}) > 1]

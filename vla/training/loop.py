@@ -396,7 +396,7 @@ class Trainer:
         eval_every = self.eval_every
         it = iter(self.loader())
         budget = TimeBudget.from_config(tcfg, self.resume_dir)
-        flops, t_run = None, time.perf_counter()
+        flops, t_run, eval_s = None, time.perf_counter(), 0.0  # eval_s: closed-loop evaluations inside the run
         t_wait = t_side = 0.0
         t_start = time.perf_counter()
         n_seen = 0
@@ -446,7 +446,9 @@ class Trainer:
                 if eval_every and self.step % eval_every == 0:
                     if self.saved_step != self.step:
                         self._save_logged(run_dir, log)
+                    t_eval = time.perf_counter()
                     self._closed_loop_eval(run_dir, log)
+                    eval_s += time.perf_counter() - t_eval
                 t_side += time.perf_counter() - t0  # validation, checkpoints, eval: not training throughput
             if self.saved_step != self.step:
                 self._save_logged(run_dir, log)
@@ -458,10 +460,11 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            wall = time.perf_counter() - t_run
-            log.line(f"end step={self.step} wall_s={wall:.1f}")
+            wall = time.perf_counter() - t_run - eval_s  # training only: a sweep's in-run evals are not its cost
+            log.line(f"end step={self.step} wall_s={wall:.1f} eval_s={eval_s:.1f}")
             if info.is_main:
-                write_run_info(run_dir, params=n_params, steps=self.step, wall_s=wall, flops_per_chunk=flops)
+                write_run_info(run_dir, params=n_params, steps=self.step, wall_s=wall, eval_s=eval_s,
+                               flops_per_chunk=flops)
             log.close()
         return run_dir
 

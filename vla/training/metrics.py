@@ -28,7 +28,8 @@ def jsonable(d: Any) -> Any:
 
 
 def write_run_info(run_dir: Path, **facts) -> None:
-    """``run_info.json``: what `vla report` needs of a finished run (params, steps, wall_s, flops_per_chunk)."""
+    """``run_info.json``: what `vla report` needs of a finished run (params, steps, flops_per_chunk,
+    wall_s: training time without the closed-loop evaluations run inside it, eval_s: those)."""
     path = Path(run_dir) / "run_info.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(facts, indent=1))
