@@ -236,3 +236,81 @@ def test_byte_plans_also_end_with_eos_within_the_block(monkeypatch):
     out = model.sample(proc.observation_batch([obs()], ["close the window"]))
     row = out["plan_tokens"][0].tolist()
     assert len(row) == 12 and row[-1] == tok.eos_id and out["plan_text"] == ["a" * 10]
+
+
+# ----------------------------------------------------------------------------------------------- the plan grammar
+TABLE = ["pick up the red cube", "pick up the blue cube", "pick up the red cylinder", "put it in the bowl",
+         "put it on the plate"]
+
+
+def test_skeletons_mark_the_positions_where_labels_name_things():
+    from vla.tokenizer import subtask_skeletons
+
+    assert subtask_skeletons(TABLE) == [
+        (("pick", "up", "the", None, None),
+         (frozenset(), frozenset(), frozenset(), frozenset({"red", "blue"}), frozenset({"cube", "cylinder"}))),
+        (("put", "it", "in", "the", "bowl"), (frozenset(),) * 5),  # differs from "put it on the plate" twice
+        (("put", "it", "on", "the", "plate"), (frozenset(),) * 5),
+    ]
+
+
+def test_grammar_takes_new_names_into_slots_but_not_new_verbs():
+    from vla.tokenizer import PlanGrammar
+
+    g = PlanGrammar(TABLE, max_subtasks=2)
+    inst = "collect the purple cube and put it in the bowl"
+    names = g.new_names(split_words(inst))
+    assert names == {"collect", "purple", "cube", "and"}  # "put", "the", "in", "bowl" are fixed words of the table
+    assert g.allowed_next([], names) == {"pick", "put"}  # "collect" cannot start a subtask
+    assert g.allowed_next(split_words("pick up the"), names) == {"red", "blue", "collect", "purple", "cube", "and"}
+    assert g.allowed_next(split_words("put it in"), names) == {"the"}
+    assert g.allowed_next(split_words("pick up the purple cube"), names) == {";", EOS_KEY}
+    assert g.allowed_next(split_words("pick up the purple cube; put it in the bowl"), names) == {EOS_KEY}  # 2 max
+    assert g.violation("pick up the purple cube; put it in the bowl", inst) is None
+    assert g.violation("pick up the purple cube", "put the red cube in the bowl") == \
+        "'purple' after 'pick up the' is not in the plan grammar"  # not a word of this instruction
+    assert g.violation("collect purple cube", inst) == "'collect' cannot start a plan"
+    assert g.violation("put it in cube", inst) == "'cube' after 'put it in' is not in the plan grammar"
+    assert g.violation("put it in the bowl; pick up the red cube; put it in the bowl", inst) == \
+        "';' after 'put it in the bowl; pick up the red cube' is not in the plan grammar"
+    with pytest.raises(ValueError, match="needs the subtask labels"):
+        PlanGrammar([])
+
+
+def grammar_model():
+    vocab = PlanVocab.from_subtasks(TABLE, 8)
+    return make_tiny(plan_vocab="words", plan_words=vocab.words, copy_slots=8, max_plan_tokens=MAX_PLAN,
+                     plan_subtasks=TABLE, plan_max_subtasks=2)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_decoded_plans_obey_the_grammar_even_from_a_degenerate_planner(monkeypatch, use_cache):
+    """The planner's favourites ("the", then copies of instruction words, never <eos>) are mostly outside the
+    grammar: every decoded plan is still made of the table's subtask shapes, names copied into the slots,
+    at most two subtasks, and ends with <eos> by itself (not forced at the last position)."""
+    from vla.model import VLA
+    from vla.tokenizer import PlanGrammar
+
+    model, proc = grammar_model()
+    model.eval()
+    assert model.plan_grammar is not None
+    monkeypatch.setattr(VLA, "plan_logits", degenerate_plan_logits)
+    texts = ["collect the purple cube and put it in the bowl", "close the window", "pick up the red cube"]
+    out = model.sample(proc.observation_batch([obs(i) for i in range(3)], texts), use_cache=use_cache)
+    g = PlanGrammar(TABLE, 2)
+    for row, plan, inst in zip(out["plan_tokens"], out["plan_text"], texts):
+        assert g.violation(plan, inst) is None, (plan, inst)
+        assert len(row[row != model.plan_vocab.pad_id]) < MAX_PLAN
+        check_rules(plan)
+    # without the labels (a checkpoint from before the grammar) the same planner leaves the grammar
+    model.plan_grammar = None
+    free = model.sample(proc.observation_batch([obs(0)], texts[:1]), use_cache=use_cache)["plan_text"][0]
+    assert g.violation(free, texts[0]) is not None
+
+
+def test_grammar_keeps_an_in_distribution_plan_exactly():
+    model, proc = grammar_model()
+    model.eval()
+    plan, inst = "pick up the blue cube; put it on the plate", "put the blue cube on the plate"
+    model.plan_logits, _ = scripted_plan(model.plan_vocab, plan, inst)
+    assert model.sample(proc.observation_batch([obs()], [inst]))["plan_text"] == [plan]

@@ -97,6 +97,7 @@ def test_max_plan_tokens_checked_against_the_store(tmp_path):
         plan_words_from_store(store, 4, max_plan_tokens=4)
     cfg = VLAConfig.from_store({"plan_vocab": "words", "max_plan_tokens": 8}, store)
     assert cfg.plan_words == [";", "go", "stop"]
+    assert cfg.plan_subtasks == list(store.subtask_table) and cfg.plan_max_subtasks == 2  # the plan grammar
 
 
 # ----------------------------------------------------------------------------------------------- encoder

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from vla.attention import default_visibility, make_attn_mask, token_positions
 from vla.flow import euler_integrate, interpolate, sample_time, time_embedding
 from vla.model_config import VLAConfig, check_batch, conv_strides
-from vla.tokenizer import ByteTokenizer, PlanRules, PlanVocab
+from vla.tokenizer import ByteTokenizer, PlanGrammar, PlanRules, PlanVocab
 
 __all__ = ["VLA", "VLAConfig"]
 
@@ -575,6 +575,8 @@ class VLA(nn.Module):
         sees[ACTION, FRAME] = cfg.frame == "condition"
         self.register_buffer("sees", sees, persistent=False)
         self.plan_vocab = PlanVocab(cfg.plan_words, cfg.copy_slots) if cfg.plan_vocab == "words" else None
+        self.plan_grammar = (PlanGrammar(cfg.plan_subtasks, cfg.plan_max_subtasks)
+                             if self.plan_vocab is not None and cfg.plan_subtasks else None)
         if self.plan_vocab is not None:  # word plans: own embedding (tied with their head) + copy pointer query
             self.vlm["plan_embed"] = nn.Embedding(self.plan_vocab.vocab_size, d)
             self.vlm["copy_query"] = nn.Linear(d, d, bias=False)
@@ -1351,7 +1353,8 @@ class VLA(nn.Module):
         its last position (token ``max_len``) gets <eos> there, so every plan ends with <eos> within
         ``max_len`` tokens. Word plans (``texts``: the B instructions, which spell the copy slots) also
         obey `vla.tokenizer.banned_next_words` (no repeated word or bigram within a subtask, no empty
-        or immediately repeated subtask; docs/text.md "Decoding rules"). Every decode path (`vla plan`,
+        or immediately repeated subtask) and, when the config has the store's subtask labels, the plan
+        grammar (`vla.tokenizer.PlanGrammar`; docs/text.md "Decoding rules"). Every decode path (`vla plan`,
         the policy, the server) runs through here. Action-bin decoding always emits ``max_len - 1``
         bins. Returns ids (B, L), mask (B, L) and the extended cache.
         """
@@ -1376,7 +1379,7 @@ class VLA(nn.Module):
         if words_plan:
             if texts is None or len(texts) != b:
                 raise ValueError("VLA._decode: word plans need the B instruction texts (they spell the copy slots)")
-            rules = [PlanRules(self.plan_vocab, t) for t in texts]
+            rules = [PlanRules(self.plan_vocab, t, grammar=self.plan_grammar) for t in texts]
         ids = [torch.full((b, 1), first, dtype=torch.long, device=dev)]
         valid = [torch.ones(b, 1, dtype=torch.bool, device=dev)]
         done = torch.zeros(b, dtype=torch.bool, device=dev)

@@ -65,6 +65,8 @@ class VLAConfig:
     plan_vocab: str = "bytes"  # bytes | words (`vla.tokenizer.PlanVocab`)
     plan_words: list[str] | None = None  # words: the fixed plan words, filled from the store's subtask table
     copy_slots: int = 16  # words: plans may copy any of the instruction's first copy_slots words
+    plan_subtasks: list[str] | None = None  # words: the store's subtask labels, the plan grammar's shapes (None: none)
+    plan_max_subtasks: int | None = None  # words: the most subtasks a decoded plan may have (the store's longest)
 
     def __post_init__(self) -> None:
         for name in ("planner", "knowledge_insulation", "text_finetune", "vision_film", "vision_coords"):  # on/off
@@ -155,6 +157,15 @@ class VLAConfig:
                                  f"subtask table by VLAConfig.from_store) when plan_vocab='words', "
                                  f"got {self.plan_words!r}")
             self.plan_words = [str(w) for w in self.plan_words]
+            if self.plan_subtasks is not None:
+                if isinstance(self.plan_subtasks, str) or not all(isinstance(t, str) for t in self.plan_subtasks):
+                    raise ValueError(f"VLAConfig.plan_subtasks must be a list of subtask labels (filled from the "
+                                     f"store by VLAConfig.from_store) or None, got {self.plan_subtasks!r}")
+                self.plan_subtasks = list(self.plan_subtasks)
+            if self.plan_max_subtasks is not None and (isinstance(self.plan_max_subtasks, bool) or not isinstance(
+                    self.plan_max_subtasks, int) or self.plan_max_subtasks < 1):
+                raise ValueError(f"VLAConfig.plan_max_subtasks must be an int >= 1 or None, "
+                                 f"got {self.plan_max_subtasks!r}")
         if isinstance(self.copy_slots, bool) or not isinstance(self.copy_slots, int) or self.copy_slots < 0:
             raise ValueError(f"VLAConfig.copy_slots must be an int >= 0, got {self.copy_slots!r}")
         if self.text == "minilm" and self.max_instruction_tokens < 2:
@@ -216,6 +227,9 @@ class VLAConfig:
         if d.get("plan_vocab") == "words":
             d["plan_words"] = plan_words_from_store(store, int(d.get("copy_slots", 16)),
                                                     int(d.get("max_plan_tokens", cls.max_plan_tokens)))
+            # the plan grammar (`vla.tokenizer.PlanGrammar`): subtask shapes and the longest plan's length
+            d["plan_subtasks"] = [str(t) for t in store.subtask_table]
+            d["plan_max_subtasks"] = max((len(p.split("; ")) for p in store_plans(store)), default=None)
         return cls.from_dict(d, cameras=cams, image_size=list(sizes[cams[0]]), state_dim=int(store.state_dim),
                              action_dim=int(store.action_dim))
 

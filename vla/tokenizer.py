@@ -301,15 +301,119 @@ def plan_rule_violation(plan: str, no_repeat_ngram: int = NO_REPEAT_NGRAM) -> st
     return None
 
 
+def subtask_skeletons(labels: list[str]) -> list[tuple[tuple[str | None, ...], tuple[frozenset[str], ...]]]:
+    """The shapes of a subtask table's labels: each label's words, with its *slots* (None) where it names
+    something. A word position is a slot when another label of the table differs from this one at that
+    position only ("pick up the red cube" / "pick up the blue cube": position 3). Returns (skeleton, the
+    words seen in each slot) pairs, one per distinct skeleton, in first-seen order::
+
+        ["pick up the red cube", "pick up the blue cube", "pick up the red cylinder", "put it in the bowl"]
+        -> [(("pick", "up", "the", None, None), (∅, ∅, ∅, {"red", "blue"}, {"cube", "cylinder"})),
+            (("put", "it", "in", "the", "bowl"), (∅, ∅, ∅, ∅, ∅))]
+    """
+    split = [tuple(split_words(label)) for label in dict.fromkeys(labels)]
+    by_len: dict[int, list[tuple[str, ...]]] = {}
+    for words in split:
+        by_len.setdefault(len(words), []).append(words)
+    own = []  # each label's own shape
+    for words in split:
+        slots = set()
+        for other in by_len[len(words)]:
+            diff = [j for j, (a, b) in enumerate(zip(words, other)) if a != b]
+            if len(diff) == 1:
+                slots.add(diff[0])
+        own.append(tuple(None if i in slots else w for i, w in enumerate(words)))
+    shapes: dict[tuple[str | None, ...], list[set[str]]] = {}
+    for words in split:  # each label joins the most general shape that fits it ("blue cube" -> "_ _")
+        fits = [s for s in own if len(s) == len(words) and all(f is None or f == w for f, w in zip(s, words))]
+        shape = max(fits, key=lambda s: sum(f is None for f in s))
+        seen = shapes.setdefault(shape, [set() for _ in words])
+        for i, f in enumerate(shape):
+            if f is None:
+                seen[i].add(words[i])
+    return [(shape, tuple(frozenset(s) for s in seen)) for shape, seen in shapes.items()]
+
+
+def _starts_like(shape: tuple[str | None, ...], seen: tuple[frozenset[str], ...], words: list[str],
+                 new_names: set[str]) -> bool:
+    """Whether ``words`` can begin a subtask of this shape (slots take their seen words or new names)."""
+    return len(shape) >= len(words) and all(
+        w == f if f is not None else (w in s or w in new_names) for f, s, w in zip(shape, seen, words))
+
+
+class PlanGrammar:
+    """Decoding rules 6 and 7 (docs/text.md): every subtask of a decoded plan has the shape of a subtask
+    in the training store's table (`subtask_skeletons`), and a plan has at most as many subtasks as the
+    longest training plan.
+
+    A slot takes a word the table had there, or a *new name*: an instruction word that is not one of the
+    table's fixed (non-slot) words. So "put the purple cube in the bowl" can still give "pick up the purple
+    cube" though no training label said purple, while a held-out verb such as "collect" cannot start a
+    subtask, and "put it in" can only go on with "the bowl".
+    """
+
+    def __init__(self, subtasks: list[str], max_subtasks: int | None = None) -> None:
+        if not subtasks:
+            raise ValueError("PlanGrammar: needs the subtask labels of the training store, got none")
+        if max_subtasks is not None and (isinstance(max_subtasks, bool) or int(max_subtasks) < 1):
+            raise ValueError(f"PlanGrammar: max_subtasks must be an int >= 1 or None, got {max_subtasks!r}")
+        self.skeletons = subtask_skeletons(list(subtasks))
+        self.fixed_words = {w for shape, _ in self.skeletons for w in shape if w is not None}
+        self.max_subtasks = None if max_subtasks is None else int(max_subtasks)
+
+    def allowed_next(self, words: list[str], new_names: set[str]) -> set[str]:
+        """Words (and ``EOS_KEY``, ";") the grammar allows after ``words``, the plan so far; ``new_names``:
+        the instruction's words that are not fixed words (`new_names`)."""
+        n_done = sum(w == PLAN_SEPARATOR_WORD for w in words)
+        cur = words[len(words) - words[::-1].index(PLAN_SEPARATOR_WORD):] if n_done else list(words)
+        allowed: set[str] = set()
+        for shape, seen in self.skeletons:
+            if not _starts_like(shape, seen, cur, new_names):
+                continue
+            if len(shape) == len(cur):
+                allowed.add(EOS_KEY)
+                if self.max_subtasks is None or n_done + 1 < self.max_subtasks:
+                    allowed.add(PLAN_SEPARATOR_WORD)
+            else:
+                f, s = shape[len(cur)], seen[len(cur)]
+                allowed.update({f} if f is not None else s | new_names)
+        if n_done:  # look ahead past rule 4: a word that can only complete the subtask just before is a dead end
+            prev = words[:len(words) - len(cur) - 1]
+            prev = prev[len(prev) - prev[::-1].index(PLAN_SEPARATOR_WORD):] if PLAN_SEPARATOR_WORD in prev else prev
+            if len(prev) == len(cur) + 1 and prev[:-1] == cur and not any(
+                    len(shape) > len(prev) and _starts_like(shape, seen, prev, new_names)
+                    for shape, seen in self.skeletons):
+                allowed.discard(prev[-1])
+        return allowed
+
+    def new_names(self, instruction_words: list[str]) -> set[str]:
+        """The instruction's words that may fill a slot beyond the words the table had there."""
+        return {w for w in instruction_words if w not in self.fixed_words and w != PLAN_SEPARATOR_WORD}
+
+    def violation(self, plan: str, instruction: str = "") -> str | None:
+        """Why the grammar could never produce ``plan`` for ``instruction`` (its first blocked word), or None."""
+        words, names = split_words(plan) + [EOS_KEY], self.new_names(split_words(instruction))
+        for i, w in enumerate(words):
+            if w not in self.allowed_next(words[:i], names):
+                shown = join_words(words[:i])
+                return f"{w!r} after {shown!r} is not in the plan grammar" if shown else \
+                    f"{w!r} cannot start a plan"
+        return None
+
+
 class PlanRules:
-    """`banned_next_words` for one row of token ids: maps plan ids to words and banned words to ids.
+    """`banned_next_words` (and, with a `PlanGrammar`, everything outside it) for one row of token ids:
+    maps plan ids to words and banned words to ids.
 
     ``instruction`` spells the copy slots; copy slots past its words map to no word (the model
     masks them). Specials other than <eos> are never emitted and have no word.
     """
 
-    def __init__(self, vocab: PlanVocab, instruction: str, no_repeat_ngram: int = NO_REPEAT_NGRAM) -> None:
+    def __init__(self, vocab: PlanVocab, instruction: str, no_repeat_ngram: int = NO_REPEAT_NGRAM,
+                 grammar: PlanGrammar | None = None) -> None:
         inst = split_words(instruction)[: vocab.copy_slots]
+        self.grammar = grammar
+        self.new_names = grammar.new_names(inst) if grammar is not None else set()
         self.word_of: list[str | None] = [None] * vocab.vocab_size
         self.word_of[vocab.eos_id] = EOS_KEY
         for i, w in enumerate(vocab.words):
@@ -325,4 +429,8 @@ class PlanRules:
     def banned_ids(self, ids: list[int]) -> list[int]:
         """Token ids banned after ``ids`` (the plan's tokens after <plan>)."""
         words = [w for w in (self.word_of[i] for i in ids) if w is not None]
-        return [i for w in banned_next_words(words, self.no_repeat_ngram) for i in self.ids_of.get(w, [])]
+        banned = banned_next_words(words, self.no_repeat_ngram)
+        if self.grammar is not None:
+            allowed = self.grammar.allowed_next(words, self.new_names)
+            banned |= {w for w in self.ids_of if w not in allowed}
+        return [i for w in banned for i in self.ids_of.get(w, [])]
