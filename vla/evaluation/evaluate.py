@@ -184,6 +184,17 @@ def render_frame(
     return np.ascontiguousarray(frame)
 
 
+def check_video_backend(where: str) -> None:
+    """Fail before any episode runs, not after, when mp4s cannot be written (imageio-ffmpeg missing)."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as e:
+        raise RuntimeError(f"{where}: videos need imageio-ffmpeg's ffmpeg (pip install imageio-ffmpeg), which is "
+                           f"missing here ({e}); run with videos=0 for no videos") from e
+
+
 def write_video(frames: list[np.ndarray], path: str | os.PathLike, fps: int = 20) -> Path:
     """Write u8[H, W, 3] frames to an H.264 mp4 (imageio-ffmpeg). Creates parent folders."""
     import imageio.v2 as imageio
@@ -272,6 +283,7 @@ class VideoRecorder(Recorder):
     per_task``), the policy's cameras under a band with the instruction and current subtask."""
 
     def __init__(self, policy: PolicyProtocol, video_dir: Path, first_seed: int, per_task: int, fps: int = 20) -> None:
+        check_video_backend(f"evaluation videos in {video_dir}")
         self.policy = policy
         self.video_dir = Path(video_dir)
         self.first_seed = first_seed
