@@ -225,6 +225,10 @@ def test_time_budget_shortens_the_schedule_once_and_refuses_resume(store, tmp_pa
     assert b2.after_step(0, One(), 50) is None and b2.after_step(1, One(), 50) is None  # budget allows more: keep 50
     with pytest.raises(ValueError, match="must be > 0 seconds"):
         budget_mod.TimeBudget(0, 0)
+    long_warmup = budget_mod.TimeBudget.from_config({"time_budget_s": 60, "warmup_steps": 300}, None)
+    assert (long_warmup.probe_from, long_warmup.probe_to) == (75, 225)  # mid warm-up, past the slow first steps
+    short_warmup = budget_mod.TimeBudget.from_config({"time_budget_s": 60, "warmup_steps": 5}, None)
+    assert (short_warmup.probe_from, short_warmup.probe_to) == (10, 30)
     monkeypatch.undo()  # the real clock again (perf_counter was patched on the shared time module)
 
     run = tmp_path / "run"
