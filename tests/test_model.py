@@ -88,7 +88,9 @@ def test_plan_is_causal_and_padding_is_invisible():
 
 @pytest.mark.parametrize("kw", [dict(frame="condition", knowledge_insulation=True), dict(frame="aux", experts="dense"),
                                 dict(action_head="discrete", frame="aux"), dict(planner=False),
-                                dict(vision="conv", goal_loss_weight=1.0, goal_head="point", goal_condition=True)])
+                                dict(vision="conv", goal_loss_weight=1.0, goal_head="point", goal_condition=True),
+                                dict(vision="conv", goal_loss_weight=1.0, goal_head="point", goal_condition=True,
+                                     action_head="discrete", frame="aux")])
 def test_cached_sampling_equals_uncached(kw):
     torch.manual_seed(0)
     model = VLA(tiny_config(**kw)).eval()

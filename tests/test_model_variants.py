@@ -266,7 +266,7 @@ def test_goal_head_learns_the_goal_state_and_its_gradient_reaches_the_images():
     assert "goal_loss" not in VLA(tiny_config()).compute_loss(model_batch(tiny_config()))
     with pytest.raises(ValueError, match="goal_loss_weight must be a number >= 0"):
         tiny_config(goal_loss_weight=-1.0)
-    with pytest.raises(ValueError, match="needs action_head='flow'"):
+    with pytest.raises(ValueError, match="with goal_head='token' needs action_head='flow'.*use goal_head='point'"):
         tiny_config(goal_loss_weight=1.0, action_head="discrete")
 
 
@@ -309,21 +309,24 @@ def test_point_goal_head_reads_where_the_bright_patch_is():
         tiny_config(goal_head="center")
 
 
-def test_goal_condition_steers_the_actions_with_the_goal():
-    """goal_condition: in training the state token reads the true goal (noise 0 here), so the action loss
-    depends on it; at inference it reads the point head's prediction, returned as out["goal"] and equal to
-    `predict_goal`; a different goal gives different actions. Without the point head it is a config error."""
+@pytest.mark.parametrize("head", ["flow", "discrete"])
+def test_goal_condition_steers_the_actions_with_the_goal(head):
+    """goal_condition: in training the state token (discrete head: the goal token) reads the true goal
+    (noise 0 here), so the action loss depends on it; at inference it reads the point head's prediction,
+    returned as out["goal"] and equal to `predict_goal`; a different goal gives different actions. Without
+    the point head it is a config error."""
     from model_helpers import model_batch, tiny_config
 
     from vla.model import VLA
 
     torch.manual_seed(0)
     cfg = tiny_config(goal_loss_weight=1.0, goal_head="point", vision="conv", goal_condition=True,
-                      goal_condition_noise=0.0)
+                      goal_condition_noise=0.0, action_head=head, goal_patch_loss_weight=0.3)  # the recipe's losses
     model = VLA(cfg).eval()
     batch = model_batch(cfg)
     b = batch["state"].shape[0]
     batch["goal_state"] = torch.randn(b, cfg.state_dim)
+    batch["goal_pixel"] = torch.tensor([[1.0, 2.0], [9.0, 3.0], [float("nan")] * 2])[:b]
     batch["time"] = torch.full((b,), 0.5)
     with torch.no_grad():
         loss = model.compute_loss(batch)["action_loss"]
@@ -331,6 +334,17 @@ def test_goal_condition_steers_the_actions_with_the_goal():
         moved = model.compute_loss(dict(batch, goal_state=batch["goal_state"] + 1.0))["action_loss"]
     assert not torch.allclose(moved, loss)  # the actions read the given goal
     noise = torch.randn(b, cfg.horizon, cfg.action_dim)
+    if head == "discrete":  # one vlm goal token between the plan and the bins; the goal head lives in `action`
+        assert set(model.action) == {"goal_score", "goal", "goal_in"}
+        assert model.action["goal_in"].out_features == cfg.d_model
+        read, embed_goal = [], model.embed_goal  # random weights decode the same bins whatever the goal, so
+        model.embed_goal = lambda g: read.append(g.clone()) or embed_goal(g)  # check what enters the sequence
+        for use_cache in (True, False):
+            out = model.sample(batch, use_cache=use_cache)
+            assert torch.allclose(read.pop(), out["goal"]) and not read
+            with torch.no_grad():
+                assert torch.allclose(out["goal"], model.predict_goal(batch), atol=1e-5)
+        return
     out = model.sample(batch, noise=noise)
     with torch.no_grad():
         assert torch.allclose(out["goal"], model.predict_goal(batch), atol=1e-5)

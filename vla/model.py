@@ -16,7 +16,8 @@ point at instruction words (`plan_logits`).
 
 (``frame: condition`` also lets ACTION see FRAME; then actions and frame share one flow time and
 are integrated jointly.) With ``action_head: discrete`` the state token joins the prefix and the
-ACTION block is ``<sep>`` + H*A action-bin tokens decoded causally by the vlm expert (RT-2 style).
+ACTION block is ``<sep>`` + H*A action-bin tokens decoded causally by the vlm expert (RT-2 style);
+with ``goal_condition`` a vlm goal token (STATE block) sits between the plan and the action bins.
 
 Every expert owns its norms, QKV/O projections and MLP; all tokens meet in ONE joint attention
 (``scaled_dot_product_attention`` with the block mask from `vla.attention`). ``experts: dense``
@@ -548,22 +549,24 @@ class VLA(nn.Module):
         state_in = cfg.state_dim * cfg.n_obs_steps
         if cfg.action_head == "discrete":
             self.vlm["state"] = nn.Linear(state_in, d)
+            self.action = nn.ModuleDict()  # only the goal head below, if any (its goal token is a vlm token)
+            wa = d
         else:
             wa = d if dense else cfg.action_width
             self.action = nn.ModuleDict({"state": nn.Linear(state_in, wa), "inp": nn.Linear(cfg.action_dim, wa),
                                          "time": TimeMLP(wa), "out": nn.Linear(wa, cfg.action_dim)})
             if not dense:
                 self.action["expert"] = Expert(cfg, wa, adaptive=True)
-            if cfg.goal_loss_weight > 0 and cfg.goal_head == "point":  # point at a patch, map the point to a state
-                self.action["goal_score"] = nn.Linear(d, 1)
-                self.action["goal"] = nn.Sequential(nn.Linear(2, 64), nn.GELU(), nn.Linear(64, cfg.state_dim))
-                gh, gw = cfg.image_hw[0] // p, cfg.image_hw[1] // p
-                ys, xs = torch.meshgrid(torch.linspace(-1, 1, gh), torch.linspace(-1, 1, gw), indexing="ij")
-                self.register_buffer("goal_grid", torch.stack([xs, ys], -1).reshape(-1, 2), persistent=False)
-                if cfg.goal_condition:  # the state token reads the goal too
-                    self.action["goal_in"] = nn.Linear(cfg.state_dim, wa)
-            elif cfg.goal_loss_weight > 0:  # auxiliary: the state token predicts where the hand grasps/lets go next
-                self.action["goal"] = nn.Linear(wa, cfg.state_dim)
+        if cfg.goal_loss_weight > 0 and cfg.goal_head == "point":  # point at a patch, map the point to a state
+            self.action["goal_score"] = nn.Linear(d, 1)
+            self.action["goal"] = nn.Sequential(nn.Linear(2, 64), nn.GELU(), nn.Linear(64, cfg.state_dim))
+            gh, gw = cfg.image_hw[0] // p, cfg.image_hw[1] // p
+            ys, xs = torch.meshgrid(torch.linspace(-1, 1, gh), torch.linspace(-1, 1, gw), indexing="ij")
+            self.register_buffer("goal_grid", torch.stack([xs, ys], -1).reshape(-1, 2), persistent=False)
+            if cfg.goal_condition:  # the state token (discrete: a goal token) reads the goal too
+                self.action["goal_in"] = nn.Linear(cfg.state_dim, wa)
+        elif cfg.goal_loss_weight > 0:  # auxiliary: the state token predicts where the hand grasps/lets go next
+            self.action["goal"] = nn.Linear(wa, cfg.state_dim)
         if cfg.frame != "off":
             wf, pf = (d if dense else cfg.frame_width), (cfg.frame_size // p) ** 2
             self.frame = nn.ModuleDict({"inp": nn.Linear(3 * p * p, wf), "pos": nn.Embedding(pf, wf),
@@ -785,6 +788,12 @@ class VLA(nn.Module):
         x = x[:, None]  # (B, 1, Wa); no time cond, so it can be cached
         return Segment("action", x, STATE, False, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
 
+    def embed_goal(self, goal: torch.Tensor) -> Segment:
+        """The discrete head's goal token (B, 1, D): ``goal_condition`` with ``action_head: discrete`` puts the
+        goal (B, S) into the vlm stream between the plan and the action bins (STATE block: the bins see it)."""
+        x = self.action["goal_in"](goal.to(self.action["goal_in"].weight.dtype))[:, None]  # (B, 1, D)
+        return Segment("vlm", x, STATE, False, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+
     def embed_actions(self, x_t: torch.Tensor, t: torch.Tensor) -> Segment:
         x = self.action["inp"](x_t)  # (B, H, Wa)
         ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
@@ -986,15 +995,20 @@ class VLA(nn.Module):
         b, dev = actions.shape[0], actions.device
         segs, words = self.teacher_forced_context(batch)
         t = batch["time"] if "time" in batch else sample_time(b, dev)  # (B,)
+        state_seg = len(segs)
+
+        def blurred_goal() -> torch.Tensor | None:  # teacher forcing: the true goal, noised so the image still matters
+            if not cfg.goal_condition:
+                return None
+            return batch["goal_state"] + cfg.goal_condition_noise * torch.randn_like(batch["goal_state"])
+
         if cfg.action_head == "flow":
             noise = batch["noise"] if "noise" in batch else torch.randn_like(actions)
             x_t, u = interpolate(actions, noise, t)  # (B, H, A) x2
-            state_seg = len(segs)
-            goal_in = None
-            if cfg.goal_condition:  # teacher forcing: the true goal, blurred so the image still matters
-                goal_in = batch["goal_state"] + cfg.goal_condition_noise * torch.randn_like(batch["goal_state"])
-            segs += [self.embed_state(batch["state"], goal_in), self.embed_actions(x_t, t)]
+            segs += [self.embed_state(batch["state"], blurred_goal()), self.embed_actions(x_t, t)]
         else:
+            if cfg.goal_condition:
+                segs.append(self.embed_goal(blurred_goal()))
             target = self.tok.actions_to_tokens(actions).reshape(b, -1)  # (B, H*A)
             sep = torch.full((b, 1), self.tok.sep_id, dtype=torch.long, device=dev)
             segs.append(self.embed_discrete_actions(torch.cat([sep, target[:, :-1]], 1)))  # (B, H*A)
@@ -1020,9 +1034,9 @@ class VLA(nn.Module):
                                  f"batch['goal_pixel'] (B, 2), the goal's (column, row) in the first camera "
                                  f"(training_batch gives it once Processor.goal_camera is set, as the training "
                                  f"loop does); got keys {sorted(batch)}")
-            target = self.goal_patch_target(batch["goal_pixel"])  # (B,)
-            ce = F.cross_entropy(self.goal_scores(outs[0]), target, ignore_index=-100, reduction="sum")
-            losses["goal_patch_loss"] = ce / (target >= 0).sum().clamp_min(1)
+            patch = self.goal_patch_target(batch["goal_pixel"])  # (B,)
+            ce = F.cross_entropy(self.goal_scores(outs[0]), patch, ignore_index=-100, reduction="sum")
+            losses["goal_patch_loss"] = ce / (patch >= 0).sum().clamp_min(1)
         if cfg.planner:
             logits = self.plan_logits(outs[1][:, :-1], words)  # (B, Lp-1, V)
             m = batch["plan_mask"][:, 1:]
@@ -1105,14 +1119,16 @@ class VLA(nn.Module):
                 raise ValueError("VLA.sample: the planner is on but the batch has no 'plan_tokens' "
                                  "and decode_plan=False")
         out = self._plan_output(batch, plan_tokens, b)
+        goal = None
+        if cfg.goal_condition:  # the goal head reads the prefix: run it before the state (or goal) token
+            if pending:
+                outs, cache = self._run(pending, cache, keep_kv=True, reserve=reserve)
+                prefix_out, pending = outs[0], []
+            goal = out["goal"] = self.goal_from_prefix(prefix_out)  # (B, S), normalized
         if cfg.action_head == "flow":
-            goal = None
-            if cfg.goal_condition:  # the goal head reads the prefix: run it before the state token
-                if pending:
-                    outs, cache = self._run(pending, cache, keep_kv=True, reserve=reserve)
-                    prefix_out, pending = outs[0], []
-                goal = out["goal"] = self.goal_from_prefix(prefix_out)  # (B, S), normalized
             pending.append(self.embed_state(batch["state"], goal))
+        elif goal is not None:
+            pending.append(self.embed_goal(goal))
         if pending:
             cache = self._run(pending, cache, keep_kv=True, reserve=reserve)[1]
             clock.lap("prefix_s")
@@ -1280,14 +1296,16 @@ class VLA(nn.Module):
                                  "and decode_plan=False")
         clock.lap("plan_s")
         out = self._plan_output(batch, plan_tokens, b)
+        goal = None
+        if cfg.goal_condition:
+            goal = out["goal"] = self.goal_from_prefix(self._run(ctx[:1])[0][0])  # (B, S)
         if cfg.action_head == "discrete":
+            if goal is not None:
+                ctx.append(self.embed_goal(goal))
             n = cfg.horizon * cfg.action_dim
             ids, _, _ = self._decode(ctx, None, ACTION, n + 1, tok.sep_id, b, keep_last=False)
             out["actions"] = tok.tokens_to_actions(ids[:, 1:]).view(b, cfg.horizon, cfg.action_dim)
         else:
-            goal = None
-            if cfg.goal_condition:
-                goal = out["goal"] = self.goal_from_prefix(self._run(ctx[:1])[0][0])  # (B, S)
             ctx.append(self.embed_state(batch["state"], goal))
             ha = (cfg.horizon, cfg.action_dim)
             noise = torch.randn(b, *ha, device=dev) if noise is None else noise

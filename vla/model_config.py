@@ -29,11 +29,12 @@ class VLAConfig:
     vision_coords: bool = False  # conv only: x/y coordinate channels join the pixels (CoordConv)
     vision_keypoints: int = 0  # conv only: K spatial-softmax keypoints per view, one more token per view (0 = off)
     state_dropout: float = 0.0  # training: each sample's state input is zeroed with this chance; 1.0 = no state at all
-    goal_loss_weight: float = 0.0  # flow only: weight of the goal head (state at the next gripper switch); 0 = off
+    goal_loss_weight: float = 0.0  # the goal head's weight (state at the next gripper switch); 0 = off; discrete: point
     goal_head: str = "token"  # token: a linear read-out of the state token | point: soft-argmax over the first
     #                           camera's patches, then a small MLP from that image point to the state
     goal_condition: bool = False  # point head only: the state token also reads the goal (training: the true goal
-    #                               plus noise; inference: the goal head's prediction), so a right choice steers
+    #                               plus noise; inference: the goal head's prediction), so a right choice steers;
+    #                               discrete head: one goal token between the plan and the action bins
     goal_condition_noise: float = 0.1  # std of the noise on the true goal in training (normalized state units)
     goal_patch_loss_weight: float = 0.0  # point head only: cross-entropy of its patch scores against the patch
     #                                      that holds the goal's projection in the first camera (0 = off)
@@ -111,11 +112,12 @@ class VLAConfig:
         if isinstance(g, bool) or not isinstance(g, int | float) or not g >= 0.0:
             raise ValueError(f"VLAConfig.goal_loss_weight must be a number >= 0 (0 = no goal head), got {g!r}")
         self.goal_loss_weight = float(g)
-        if g and self.action_head != "flow":
-            raise ValueError(f"VLAConfig.goal_loss_weight={g} needs action_head='flow' (the goal head reads the state "
-                             f"token of the action expert), got action_head={self.action_head!r}")
         if self.goal_head not in ("token", "point"):
             raise ValueError(f"VLAConfig.goal_head must be 'token' or 'point', got {self.goal_head!r}")
+        if g and self.action_head != "flow" and self.goal_head != "point":
+            raise ValueError(f"VLAConfig.goal_loss_weight={g} with goal_head={self.goal_head!r} needs "
+                             f"action_head='flow' (the token goal head reads the action expert's state token); with "
+                             f"action_head={self.action_head!r} use goal_head='point' (it reads the prefix)")
         if self.goal_condition and not (g and self.goal_head == "point"):
             raise ValueError("VLAConfig.goal_condition=true needs the point goal head (goal_loss_weight > 0 and "
                              f"goal_head='point': the goal is read off the prefix before the state token), got "
