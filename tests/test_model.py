@@ -90,7 +90,10 @@ def test_plan_is_causal_and_padding_is_invisible():
                                 dict(action_head="discrete", frame="aux"), dict(planner=False),
                                 dict(vision="conv", goal_loss_weight=1.0, goal_head="point", goal_condition=True),
                                 dict(vision="conv", goal_loss_weight=1.0, goal_head="point", goal_condition=True,
-                                     action_head="discrete", frame="aux")])
+                                     action_head="discrete", frame="aux"),
+                                dict(actions_read_plan=False, frame="condition"),
+                                dict(actions_read_plan=False, action_head="discrete", vision="conv",
+                                     goal_loss_weight=1.0, goal_head="point", goal_condition=True)])
 def test_cached_sampling_equals_uncached(kw):
     torch.manual_seed(0)
     model = VLA(tiny_config(**kw)).eval()
@@ -111,6 +114,32 @@ def test_cached_sampling_equals_uncached(kw):
         assert torch.allclose(a["frame"], b["frame"], atol=1e-5)
     if model.cfg.goal_condition:  # the goal the state token read, from both paths
         assert a["goal"].shape == (B, model.cfg.state_dim) and torch.allclose(a["goal"], b["goal"], atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["flow", "discrete"])
+def test_side_planner_decodes_a_plan_the_actions_never_read(head):
+    torch.manual_seed(0)
+    model = VLA(tiny_config(actions_read_plan=False, action_head=head, frame="aux")).eval()
+    batch = model_batch(model.cfg)
+    other = dict(batch, plan_tokens=batch["plan_tokens"].roll(1, 0), plan_mask=batch["plan_mask"].roll(1, 0))
+    noise = torch.randn(B, model.cfg.horizon, model.cfg.action_dim)
+    fnoise = torch.randn(B, 3, 8, 8)
+    a, b = (model.sample(x, noise=noise, frame_noise=fnoise) for x in (batch, other))
+    assert torch.equal(b["plan_tokens"], other["plan_tokens"])  # the given plan is there ...
+    assert torch.allclose(a["actions"], b["actions"], atol=1e-6)  # ... and changes no action
+    assert torch.allclose(a["frame"], b["frame"], atol=1e-6)
+    fixed = {"time": torch.rand(B), "frame_time": torch.rand(B)} | ({"noise": noise} if head == "flow" else {})
+    la, lb = (model.compute_loss(dict(x, **fixed)) for x in (batch, other))
+    assert torch.allclose(la["action_loss"], lb["action_loss"], atol=1e-6)  # in training neither
+    assert not torch.allclose(la["plan_loss"], lb["plan_loss"])  # while the plan is still trained
+    unplanned = {k: v for k, v in batch.items() if not k.startswith("plan")}
+    decoded = model.sample(unplanned, noise=noise, frame_noise=fnoise)
+    assert decoded["plan_tokens"] is not None and len(decoded["plan_text"]) == B
+    assert torch.allclose(decoded["actions"], a["actions"], atol=1e-5)  # a decoded plan changes nothing either
+    reading = VLA(tiny_config(action_head=head, frame="aux")).eval()
+    reading.load_state_dict(model.state_dict())  # same weights, plan visible: the actions move with the plan
+    assert not torch.allclose(reading.sample(batch, noise=noise, frame_noise=fnoise)["actions"],
+                              reading.sample(other, noise=noise, frame_noise=fnoise)["actions"])
 
 
 def test_given_plan_is_used_and_missing_plan_is_an_error():
@@ -191,7 +220,9 @@ def test_tiny_preset_is_about_one_million_parameters():
 
 
 @pytest.mark.parametrize("overrides, expect", [
-    ([], dict(experts="mot", action_head="flow", planner=True, frame="off", knowledge_insulation=False)),
+    ([], dict(experts="mot", action_head="flow", planner=True, actions_read_plan=True, frame="off",
+              knowledge_insulation=False)),
+    (["planner=side"], dict(planner=True, actions_read_plan=False)),
     (["experts=dense", "planner=off", "frame=aux", "action_head=discrete"],
      dict(experts="dense", planner=False, frame="aux", action_head="discrete")),
     (["knowledge_insulation=on", "frame=condition", "model=small"],

@@ -14,7 +14,8 @@ Instruction tokens are byte embeddings, or with ``text: minilm`` the per-token s
 tokens are bytes, or with ``plan_vocab: words`` `vla.tokenizer.PlanVocab` words whose copy slots
 point at instruction words (`plan_logits`).
 
-(``frame: condition`` also lets ACTION see FRAME; then actions and frame share one flow time and
+(``planner: side``, i.e. ``actions_read_plan: false``: STATE, ACTION and FRAME do not see PLAN; the plan is
+a decoded side output. ``frame: condition`` also lets ACTION see FRAME; then actions and frame share one flow time and
 are integrated jointly.) With ``action_head: discrete`` the state token joins the prefix and the
 ACTION block is ``<sep>`` + H*A action-bin tokens decoded causally by the vlm expert (RT-2 style);
 with ``goal_condition`` a vlm goal token (STATE block) sits between the plan and the action bins.
@@ -576,6 +577,8 @@ class VLA(nn.Module):
         sees = default_visibility(5)
         sees[FRAME, ACTION] = False  # the frame never reads the noisy actions
         sees[ACTION, FRAME] = cfg.frame == "condition"
+        if not cfg.actions_read_plan:  # planner=side: the plan is decoded and shown, never read by the experts
+            sees[[STATE, ACTION, FRAME], PLAN] = False
         self.register_buffer("sees", sees, persistent=False)
         self.plan_vocab = PlanVocab(cfg.plan_words, cfg.copy_slots) if cfg.plan_vocab == "words" else None
         self.plan_grammar = (PlanGrammar(cfg.plan_subtasks, cfg.plan_max_subtasks)

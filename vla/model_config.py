@@ -52,6 +52,8 @@ class VLAConfig:
     experts: str = "mot"  # mot | dense
     action_head: str = "flow"  # flow | discrete
     planner: bool = True
+    actions_read_plan: bool = True  # planner on: the state/action/frame tokens attend to the plan; false: the plan
+    #                                 is a side output (decoded and shown, trained on the vlm) the actions never read
     frame: str = "off"  # off | aux | condition
     knowledge_insulation: bool = False
     frame_size: int = 32
@@ -70,7 +72,8 @@ class VLAConfig:
     plan_max_subtasks: int | None = None  # words: the most subtasks a decoded plan may have (the store's longest)
 
     def __post_init__(self) -> None:
-        for name in ("planner", "knowledge_insulation", "text_finetune", "vision_film", "vision_coords"):  # on/off
+        for name in ("planner", "actions_read_plan", "knowledge_insulation", "text_finetune", "vision_film",
+                     "vision_coords"):  # on/off
             v = getattr(self, name)
             if isinstance(v, str) and v.lower() in ("on", "off", "true", "false"):
                 setattr(self, name, v.lower() in ("on", "true"))
