@@ -173,6 +173,9 @@ class MetaWorldEnv(gym.Env):
         self.episode_seed: int | None = None
         self._raw: np.ndarray | None = None
         self._images: dict[str, np.ndarray] = {}
+        # False: step() returns {"state"} without "images" (nothing rendered; reset always renders). The
+        # rollout engine clears it for steps whose images nobody reads (mid-chunk, no video, no store).
+        self.observe_images = True
         self._steps = 0
         self._done = True
         if seed is not None:
@@ -229,12 +232,15 @@ class MetaWorldEnv(gym.Env):
         terminated = self.terminate_on_success and success
         truncated = (not terminated) and self._steps >= self.max_episode_steps
         self._done = terminated or truncated
-        return self._observation(), float(reward), terminated, truncated, self._info(success=success)
+        return (self._observation(self.observe_images), float(reward), terminated, truncated,
+                self._info(success=success))
 
     def render(self) -> np.ndarray | None:
         """The current camera images side by side (``rgb_array``), e.g. for videos."""
-        if self.render_mode is None or not self._images:
+        if self.render_mode is None or not self.cameras or self._raw is None:
             return None
+        if not self._images:  # the last step skipped its images (observe_images=False): render them now
+            self._observation()
         return np.concatenate([self._images[c] for c in self.cameras], axis=1)  # (H, W * n_cams, 3)
 
     def close(self) -> None:
@@ -246,14 +252,17 @@ class MetaWorldEnv(gym.Env):
             mw.close()
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _observation(self) -> dict[str, Any]:
+    def _observation(self, images: bool = True) -> dict[str, Any]:
+        state = self._raw[:4].astype(np.float32)  # (4,) hand xyz + gripper opening
+        if not images:
+            self._images = {}
+            return {"state": state}
         if self.cameras:
             if self._renderer is None:
                 from vla.envs.rendering import CameraRenderer
 
                 self._renderer = CameraRenderer(self._mw.model, self.cameras, self.image_size)
             self._images = self._renderer.render(self._mw.data)
-        state = self._raw[:4].astype(np.float32)  # (4,) hand xyz + gripper opening
         return {"images": dict(self._images), "state": state}
 
     def _info(self, success: bool) -> dict[str, Any]:

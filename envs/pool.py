@@ -7,7 +7,9 @@ context). Both pools answer the same three calls:
 - ``reset({slot: (task, seed)}) -> {slot: (obs, info) | None}``
 - ``step({slot: action}) -> {slot: (obs, reward, terminated, truncated, info) | None}``, also
   split in two: ``send({slot: action})`` then ``receive(wait_all)`` (all results, or with
-  ``wait_all=False`` whichever are ready, so fast workers need not wait for slow ones)
+  ``wait_all=False`` whichever are ready, so fast workers need not wait for slow ones); both take
+  ``images={slot: False}`` for steps whose observation nobody will read: envs with an
+  ``observe_images`` attribute (tabletop, MetaWorld) then skip rendering and return only ``state``
 - ``restart(slot) -> bool`` after a slot came back ``None``
 
 ``InProcessPool`` runs the envs in this process (``workers=0``, tests, debugging).
@@ -54,9 +56,12 @@ class _TaskEnvs:
         self.current = self._envs[task]
         return self.current.reset(seed=int(seed))
 
-    def step(self, action: np.ndarray) -> StepResult:
+    def step(self, action: np.ndarray, images: bool = True) -> StepResult:
+        """One step; ``images=False`` asks an env that supports it (``observe_images``) not to render."""
         if self.current is None:
             raise RuntimeError("env pool: step before reset")
+        if hasattr(self.current, "observe_images"):
+            self.current.observe_images = bool(images)
         obs, reward, terminated, truncated, info = self.current.step(action)
         return obs, float(reward), bool(terminated), bool(truncated), info
 
@@ -77,20 +82,22 @@ class InProcessPool:
         self.family = family
         self.n = n
         self._slots = [_TaskEnvs(family, env_kwargs or {}) for _ in range(n)]
-        self._sent: dict[int, np.ndarray] = {}
+        self._sent: dict[int, tuple[np.ndarray, bool]] = {}
 
     def reset(self, jobs: dict[int, tuple[str, int]]) -> dict[int, tuple[dict, dict] | None]:
         return {i: self._slots[i].reset(task, seed) for i, (task, seed) in jobs.items()}
 
-    def step(self, actions: dict[int, np.ndarray]) -> dict[int, StepResult | None]:
-        return {i: self._slots[i].step(a) for i, a in actions.items()}
+    def step(self, actions: dict[int, np.ndarray], images: dict[int, bool] | None = None
+             ) -> dict[int, StepResult | None]:
+        return {i: self._slots[i].step(a, True if images is None else images.get(i, True)) for i, a in actions.items()}
 
-    def send(self, actions: dict[int, np.ndarray]) -> None:
-        self._sent.update(actions)
+    def send(self, actions: dict[int, np.ndarray], images: dict[int, bool] | None = None) -> None:
+        """Queue one step per slot; ``images[slot]=False``: that step's observation need not be rendered."""
+        self._sent.update({i: (a, True if images is None else images.get(i, True)) for i, a in actions.items()})
 
     def receive(self, wait_all: bool = True) -> dict[int, StepResult | None]:
         sent, self._sent = self._sent, {}
-        return self.step(sent)
+        return {i: self._slots[i].step(a, img) for i, (a, img) in sent.items()}
 
     def restart(self, slot: int) -> bool:
         return False  # an in-process env never goes missing
@@ -124,7 +131,7 @@ def _worker_main(family: str, env_kwargs: dict[str, Any], conn) -> None:
             if msg[0] == "close":
                 break
             try:
-                reply = envs.reset(*msg[1]) if msg[0] == "reset" else envs.step(msg[1])
+                reply = envs.reset(*msg[1]) if msg[0] == "reset" else envs.step(*msg[1:])
                 conn.send(("ok", reply))
             except Exception:
                 conn.send(("error", traceback.format_exc()))
@@ -241,17 +248,20 @@ class ProcessPool:
         self._send({i: ("reset", (str(t), int(s))) for i, (t, s) in jobs.items()})
         return self._receive(set(jobs))
 
-    def send(self, actions: dict[int, np.ndarray]) -> None:
-        """Start one step in each slot of ``actions``; :meth:`receive` collects the results."""
-        self._send({i: ("step", np.asarray(a, np.float32)) for i, a in actions.items()})
+    def send(self, actions: dict[int, np.ndarray], images: dict[int, bool] | None = None) -> None:
+        """Start one step in each slot of ``actions``; :meth:`receive` collects the results.
+        ``images[slot]=False``: that step's observation need not be rendered (nobody reads it)."""
+        self._send({i: ("step", np.asarray(a, np.float32), True if images is None else bool(images.get(i, True)))
+                    for i, a in actions.items()})
 
     def receive(self, wait_all: bool = True) -> dict[int, StepResult | None]:
         """Results of the steps sent: all of them, or (``wait_all=False``) whichever are ready,
         at least one, so fast workers need not wait for slow ones."""
         return self._receive(None, wait_all)
 
-    def step(self, actions: dict[int, np.ndarray]) -> dict[int, StepResult | None]:
-        self.send(actions)
+    def step(self, actions: dict[int, np.ndarray], images: dict[int, bool] | None = None
+             ) -> dict[int, StepResult | None]:
+        self.send(actions, images)
         return self._receive(set(actions))
 
     def restart(self, slot: int) -> bool:

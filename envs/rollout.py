@@ -16,6 +16,13 @@ protects all of them at once.
   many seeds each task still needs).
 - ``recorders``: :class:`Recorder` objects told about every episode start, step and end.
 
+Rendering only what is read (``lazy_images``, default on): a chunking policy reads an observation's
+images only when it predicts a chunk (once per ``n_action_steps`` steps), so before each step the
+engine asks the policy (``needs_observations``) and every recorder (``needs_images``) whether the
+step's observation will be read, and the pool's env skips rendering when nobody will: such an
+observation has only ``state``. Policies and recorders without these methods count as readers. On
+the 2-core CPU rendering is most of an env step (docs: BENCHMARKS.md, "Closed loop").
+
 A worker lost mid-episode (killed, out of memory) never hangs the loop: its episode's recorders
 get ``discard``, the job goes back to ``jobs`` to be re-run from its seed on a restarted worker,
 and the result counts it in ``rerun``. When no worker can be restarted any more, the loop stops
@@ -44,6 +51,9 @@ class RolloutPolicy(Protocol):
                   env_indices: list[int] | None = None) -> np.ndarray: ...
 
     def current_subtask(self, env_index: int = 0) -> str | None: ...
+
+    # optional: ``needs_observations(env_indices) -> list[bool]``, whether each slot's next observation
+    # will be read (its images rendered); without it every observation is rendered
 
 
 @dataclass
@@ -78,6 +88,11 @@ class Recorder:
 
     def discard(self, ep: Episode) -> None:
         """``ep``'s worker was lost; the episode will be re-run from its seed (or reported unfinished)."""
+
+    def needs_images(self, ep: Episode) -> bool:
+        """Whether ``step`` reads the camera images of ``ep``'s next observation (``next_obs``); a
+        recorder that never looks at images returns False so the env can skip rendering them."""
+        return True
 
 
 class JobList:
@@ -128,6 +143,7 @@ def rollout(
     max_env_steps: int | None = None,
     lockstep: bool = True,
     instruction: str | None = None,
+    lazy_images: bool = True,
 ) -> RolloutResult:
     """Run ``jobs`` in ``pool`` with ``policy``; see the module docstring.
 
@@ -137,6 +153,9 @@ def rollout(
 
     ``instruction``: given, the policy reads it in every episode instead of the env's own (a user's
     phrasing; the env's goal still comes from the seed).
+
+    ``lazy_images`` (default): steps whose observation neither the policy nor a recorder will read are
+    not rendered (module docstring); ``False`` renders every step (e.g. to time rendering).
 
     ``lockstep`` (default): every running slot steps, then the policy acts for all of them in one
     batch (a batched model sees full batches, and a seeded policy repeats itself exactly).
@@ -186,6 +205,15 @@ def rollout(
             for r in recorders:
                 r.start(ep, o, info)
 
+    policy_reads = getattr(policy, "needs_observations", None) if lazy_images else None
+    image_readers = [getattr(r, "needs_images", None) for r in recorders]
+
+    def images_wanted(slots: list[int]) -> dict[int, bool] | None:
+        if policy_reads is None or any(f is None for f in image_readers):
+            return None  # someone reads every observation: render them all
+        reads = policy_reads(slots)
+        return {i: bool(p) or any(f(running[i][1]) for f in image_readers) for i, p in zip(slots, reads)}
+
     policy.reset()
     start()
     sent: dict[int, np.ndarray] = {}  # slot -> the action of its step in flight
@@ -202,7 +230,11 @@ def rollout(
             )  # (len(idle), A)
             batch = {i: actions[k] for k, i in enumerate(idle)}
             sent.update(batch)
-            pool.send(batch)
+            wanted = images_wanted(idle)
+            if wanted is None or all(wanted.values()):
+                pool.send(batch)
+            else:
+                pool.send(batch, images=wanted)
         replies = pool.receive(wait_all=lockstep)
         for i in sorted(replies):
             action, reply = sent.pop(i), replies[i]

@@ -182,7 +182,8 @@ class Policy:
         if need and self.refill_below > 0:
             # Piggyback: envs whose queue is nearly empty drop its tail and take a fresh chunk in this
             # batch, so envs that started at different steps fall back into one model call per cycle.
-            extra = [k for k, s in enumerate(slots) if 0 < s.actions.left() <= self.refill_below]
+            extra = [k for k, s in enumerate(slots)
+                     if 0 < s.actions.left() <= self.refill_below and "images" in obs_list[k]]  # rendered
             for k in extra:
                 slots[k].actions.clear()
             need = sorted(need + extra)
@@ -197,6 +198,18 @@ class Policy:
                 self._take_chunk(slots[k], chunk)
         actions = [self._pop(s) for s in slots]
         return np.stack(actions).astype(np.float32)  # (N, A)
+
+    def needs_observations(self, env_indices: list[int]) -> list[bool]:
+        """Whether the next ``act_batch`` will read each slot's next observation (called by the rollout
+        engine after this step's actions were popped, so the env can skip rendering the rest): a slot
+        whose queue is empty predicts a chunk; with ``refill_below`` a slot with at most that many
+        actions left joins when another slot predicts; with history (``n_obs_steps > 1``) every
+        observation is kept. A temporal ensemble reads every step."""
+        if self.n_obs_steps > 1:
+            return [True] * len(env_indices)
+        left = [self.slot(i).actions.left() for i in env_indices]
+        due = any(n == 0 for n in left)
+        return [n == 0 or (due and n <= self.refill_below) for n in left]
 
     def observe(self, obs_list: list[Observation], env_indices: list[int]) -> None:
         """Called with every observation before actions are chosen: keeps ``n_obs_steps`` of history."""

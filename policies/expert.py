@@ -78,6 +78,10 @@ class ExpertPolicy(Policy):
             chunks.append(Chunk(np.asarray(action, np.float32)[None], plan=[str(subtask)]))  # (1, A)
         return chunks
 
+    def needs_observations(self, env_indices: list[int]) -> list[bool]:
+        """Never: the scripted expert acts on the env's privileged state (``info``), not on images."""
+        return [False] * len(env_indices)
+
     def expert(self, env_index: int = 0) -> Any:
         """The scripted expert driving slot ``env_index`` (to read its progress, e.g. ``.k``)."""
         held = self._experts.get(int(env_index))

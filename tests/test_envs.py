@@ -182,3 +182,28 @@ def test_async_vector_env_spawn():
         assert np.isfinite(rew).all() and obs["state"].dtype == np.float32
     finally:
         venv.close()
+
+
+@pytest.mark.parametrize("family, task, camera", [("tabletop", "pick-place", "front"),
+                                                  ("metaworld", "drawer-open-v3", "corner")])
+def test_observe_images_false_skips_rendering_and_changes_nothing_else(family, task, camera):
+    _family_or_skip(family)
+    lazy = E.make_env(family, task, cameras=(camera,), image_size=32, render_mode="rgb_array")
+    full = E.make_env(family, task, cameras=(camera,), image_size=32, render_mode="rgb_array")
+    try:
+        o1, _ = lazy.reset(seed=5)
+        o2, _ = full.reset(seed=5)
+        assert o1["images"][camera].shape == (32, 32, 3)  # a reset always renders
+        lazy.observe_images = False
+        action = np.array([0.3, -0.2, 0.1, 0.5], np.float32)
+        for _ in range(3):
+            r1, r2 = lazy.step(action), full.step(action)
+            assert sorted(r1[0]) == ["state"] and np.array_equal(r1[0]["state"], r2[0]["state"])
+            assert r1[1:4] == r2[1:4] and r1[4]["success"] == r2[4]["success"]
+        assert np.array_equal(lazy.render(), full.render())  # render() still shows the current scene
+        lazy.observe_images = True
+        r1, r2 = lazy.step(action), full.step(action)
+        assert np.array_equal(r1[0]["images"][camera], r2[0]["images"][camera])
+    finally:
+        lazy.close()
+        full.close()

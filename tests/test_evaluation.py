@@ -208,6 +208,22 @@ def test_bench_eval_runs_a_baseline_model_file_alternately(capsys):
     assert vs["new"]["policy_ms_per_env_step"] > 0 and vs["speedup_env_steps_per_s"] > 0
 
 
+def test_bench_eval_times_lazy_against_full_rendering_on_the_same_episodes(capsys):
+    from vla.bench import eval as bench_eval
+
+    with pytest.raises(ValueError, match="lazy_images must be a list of true/false"):
+        bench_eval.parse_args(["lazy_images=[maybe]"])
+    argv = ["policies=[vla]", "n_envs=[1]", "episodes=1", "max_steps=10", "image_size=32", "rounds=2",
+            "torch_threads=1", "replan_every=100", "lazy_images=[true,false]"]
+    assert bench_eval.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["lazy_images"] for r in report["results"]] == [True, False] * 2
+    assert len({r["env_steps"] for r in report["results"]}) == 1  # the same episode either way
+    (vs,) = report["vs_full_render"]
+    assert vs["lazy"]["env_ms_per_step"] > 0 and vs["full_render"]["env_ms_per_step"] > 0
+    assert vs["speedup_env_steps_per_s"] > 0
+
+
 def test_videos_without_ffmpeg_fail_before_any_episode(tmp_path, monkeypatch):
     """A missing video backend is reported up front (naming the pip command and videos=0), not after
     the rollouts, when it would lose the evaluation's results."""

@@ -10,8 +10,10 @@ import pytest
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from vla.envs.pool import InProcessPool, ProcessPool  # noqa: E402
+from vla.envs.pool import InProcessPool, ProcessPool, make_pool  # noqa: E402
 from vla.envs.rollout import Recorder, rollout  # noqa: E402
+from vla.policies import ExpertPolicy, Policy  # noqa: E402
+from vla.policies.base import Chunk  # noqa: E402
 
 TASK = "reach-v3"
 KW = {"cameras": (), "max_episode_steps": 6}
@@ -134,3 +136,78 @@ def test_without_lockstep_fast_workers_run_ahead_and_every_episode_is_the_same()
     assert sorted((e.seed, e.length, e.instruction) for e in free_running.episodes) == \
         sorted((e.seed, e.length, e.instruction) for e in reference.episodes)
     assert free_running.env_steps == 12 and sum(policy.batches) == 12  # one action per step taken
+
+
+class ChunkRecorder(Policy):
+    """A chunking policy that notes which steps' observations carried images and when it predicted."""
+
+    def __init__(self, n_action_steps: int, refill_below: int = 0) -> None:
+        super().__init__(n_action_steps)
+        self.refill_below = refill_below
+        self.seen: list[bool] = []  # per act_batch observation: did it carry images
+        self.predicted = 0
+
+    def act_batch(self, obs_list, instructions, infos=None, env_indices=None):
+        self.seen += ["images" in o for o in obs_list]
+        return super().act_batch(obs_list, instructions, infos, env_indices)
+
+    def predict_chunks(self, obs_list, instructions, infos=None, env_indices=None):
+        for o in obs_list:  # a chunk is only ever predicted from a rendered observation
+            assert o["images"]["front"].shape == (32, 32, 3), sorted(o)
+        self.predicted += len(obs_list)
+        # a fixed zig-zag from the state, so that two runs act alike only if they saw alike states
+        return [Chunk(actions=np.tile(np.r_[np.sign(o["state"][:3]) * -0.5, 1.0], (8, 1)).astype(np.float32))
+                for o in obs_list]
+
+
+class Film(Recorder):
+    """Films the episode of one seed: needs its images at every step, nobody else's."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.frames = seed, 0
+
+    def needs_images(self, ep):
+        return ep.seed == self.seed
+
+    def step(self, ep, obs, action, subtask, reward, next_obs, info):
+        if ep.seed == self.seed:
+            assert next_obs["images"]["front"].shape == (32, 32, 3)
+            self.frames += 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lazy_images_render_only_what_the_policy_or_a_recorder_reads(workers):
+    kw = {"cameras": ("front",), "image_size": 32, "max_episode_steps": 21}
+    jobs = [("pick-place", s) for s in (0, 1, 2)]
+    runs = {}
+    for lazy in (True, False):
+        policy, film = ChunkRecorder(n_action_steps=4, refill_below=2 if workers else 0), Film(seed=1)
+        with make_pool("tabletop", 2 if workers else 1, kw, workers=bool(workers)) as pool:
+            result = rollout(policy, pool, jobs, [film], lazy_images=lazy)
+        runs[lazy] = (policy, film, sorted((e.seed, e.length, e.sum_reward, e.success) for e in result.episodes))
+    (lazy_p, lazy_film, lazy_eps), (full_p, full_film, full_eps) = runs[True], runs[False]
+    assert lazy_eps == full_eps and [e[1] for e in lazy_eps] == [21, 21, 21]  # the same episodes either way
+    assert lazy_p.predicted == full_p.predicted and lazy_film.frames == full_film.frames == 21
+    assert all(full_p.seen) and len(lazy_p.seen) == len(full_p.seen) == 63
+    # rendered: the 3 resets, every step of the filmed episode (seed 1), and before every chunk
+    if not workers:  # one slot: seeds 0 and 2 render at steps 0, 4, ..., 20 (6 chunks each), seed 1 all 21
+        assert sum(lazy_p.seen) == 6 + 21 + 6 and lazy_p.predicted == 18
+    assert lazy_p.predicted <= sum(lazy_p.seen) < 0.6 * len(lazy_p.seen)
+
+
+def test_policies_say_which_observations_they_will_read():
+    p = ChunkRecorder(n_action_steps=4)
+    obs = {"images": {"front": np.zeros((32, 32, 3), np.uint8)}, "state": np.zeros(4, np.float32)}
+    p.act_batch([obs, obs], ["a", "b"], env_indices=[0, 1])  # both take a chunk and pop one action: 3 left
+    assert p.needs_observations([0, 1]) == [False, False]
+    for _ in range(3):
+        p.act_batch([obs, obs], ["a", "b"], env_indices=[0, 1])
+    assert p.needs_observations([0, 1]) == [True, True]  # queues empty: the next step predicts
+    p.refill_below = 3
+    p.reset(0)
+    p.act_batch([obs], ["a"], env_indices=[0])  # slot 0: 3 left, slot 1: still empty, so due
+    assert p.needs_observations([0, 1]) == [True, True]  # slot 0 may join slot 1's model call
+    assert ExpertPolicy("tabletop").needs_observations([0, 1]) == [False, False]
+    history = ChunkRecorder(n_action_steps=4)
+    history.n_obs_steps = 2
+    assert history.needs_observations([0]) == [True]

@@ -71,6 +71,9 @@ class TabletopEnv(gym.Env):
         self._ids()
         self._obs_renderer = None      # one renderer for all observation cameras
         self._renderers: dict = {}     # (camera, (H, W)) -> CameraRenderer, made on first use
+        # False: step() returns {"state"} without "images" (nothing rendered; reset always renders). The
+        # rollout engine clears it for steps whose images nobody reads (mid-chunk, no video, no store).
+        self.observe_images = True
         self.action_names, self.state_names = ACTION_NAMES, STATE_NAMES
 
         h, w = self.image_hw
@@ -182,7 +185,7 @@ class TabletopEnv(gym.Env):
         success = self._update_progress()
         terminated = bool(success and self.terminate_on_success)
         truncated = self._steps >= self.max_episode_steps
-        return self._obs(), float(success), terminated, truncated, self._info(success)
+        return self._obs(self.observe_images), float(success), terminated, truncated, self._info(success)
 
     def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array":
@@ -215,7 +218,9 @@ class TabletopEnv(gym.Env):
         gap = S.MAX_OPENING - d.qpos[self._finger_q[0]] - d.qpos[self._finger_q[1]]
         return np.array([*d.site_xpos[self._grip], gap], dtype=np.float32)
 
-    def _obs(self) -> dict:
+    def _obs(self, images: bool = True) -> dict:
+        if not images:
+            return {"state": self.gripper_state()}
         if self.cameras and self._obs_renderer is None:
             from vla.envs.rendering import CameraRenderer
 

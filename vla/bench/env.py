@@ -62,7 +62,7 @@ def _expert_steps(family: str, task: str, env_kwargs: dict, seed: int, steps: in
     with InProcessPool(family, 1, env_kwargs) as pool:
         pool.reset({0: (task, seed)})  # warm-up outside the timing: env construction, GL context
         jobs = [(task, seed + k) for k in range(steps)]  # more episodes than the step budget can use
-        run = rollout(ExpertPolicy(family), pool, jobs, max_env_steps=steps)
+        run = rollout(ExpertPolicy(family), pool, jobs, max_env_steps=steps, lazy_images=False)  # time the renders
     return run.env_steps, run.seconds
 
 
@@ -115,6 +115,9 @@ class _Labels(Recorder):
         labels = self.labels[ep.slot]
         if not labels or labels[-1] != subtask:
             labels.append(subtask)
+
+    def needs_images(self, ep) -> bool:
+        return False
 
     def end(self, ep) -> None:
         labels = self.labels.pop(ep.slot)

@@ -16,6 +16,9 @@ between re-plans the policy feeds the last decoded plan back in, see `VLAPolicy`
 calls, pre- and post-processing; comparable to other policies' per-step cost), and
 ``env_ms_per_step`` the rest of the rollout loop per step (env step, rendering, bookkeeping).
 ``torch_threads`` (0 = `run_evaluation`'s default) sets the policy's intra-op threads.
+``lazy_images=[true,false]`` runs each policy both ways, alternating ``rounds`` times, and adds
+``vs_full_render``: env steps/s rendering only the observations the policy reads (once per chunk) over
+rendering every step, with the policy's and the rest's ms per step of each (same episodes either way).
 ``load_avg_1min`` (``/proc/loadavg``) is recorded at the start, after every run and at the end.
 ``baseline=REF`` (a git ref such as ``main``, or a path to a ``model.py``; see `vla bench inference`)
 also evaluates the same VLA weights under that revision's model code, alternating new and baseline
@@ -46,7 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "seed_start": 2_000_000,
     "torch_threads": 0,
     "baseline": None,  # a git ref or model.py path: also run the VLA under that model.py (vla bench inference)
-    "rounds": 3,  # with a baseline: alternate new/baseline this many times per n_envs
+    "rounds": 3,  # with a baseline or two lazy_images values: alternate this many times per n_envs
+    "lazy_images": [True],  # [true, false]: time rendering only what is read against rendering every step
 }
 
 
@@ -56,6 +60,11 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
     bad = [p for p in args["policies"] if p not in ("expert", "vla")]
     if bad:
         raise ValueError(f"vla bench eval: policies must be expert and/or vla, got {bad}")
+    words = {"true": True, "1": True, "false": False, "0": False}
+    lazies = [x if isinstance(x, bool) else words.get(str(x).strip().lower()) for x in args["lazy_images"]]
+    if not lazies or None in lazies:
+        raise ValueError(f"vla bench eval: lazy_images must be a list of true/false, got {args['lazy_images']}")
+    args["lazy_images"] = lazies
     return args
 
 
@@ -114,12 +123,13 @@ def main(argv: list[str]) -> int:
                               "image_size": args["image_size"], "max_steps": args["max_steps"],
                               "cpu_count": os.cpu_count(), "load_avg_1min_at_start": load_avg(),
                               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": []}
-    def one_run(name: str, policy: Any, env_kwargs: dict, n_envs: int, variant: str | None) -> dict[str, Any]:
+    def one_run(name: str, policy: Any, env_kwargs: dict, n_envs: int, variant: str | None,
+                lazy: bool = True) -> dict[str, Any]:
         t0 = time.perf_counter()
         timed = _Timed(policy)
         r = run_evaluation(timed, args["env"], [args["task"]], int(args["episodes"]), n_envs=n_envs,
                            seed_start=args["seed_start"], max_steps=args["max_steps"], env_kwargs=env_kwargs,
-                           progress=False, torch_threads=int(args["torch_threads"]) or None)
+                           progress=False, torch_threads=int(args["torch_threads"]) or None, lazy_images=lazy)
         tp = r["throughput"]
         steps = max(1, tp["env_steps"])
         entry = {"policy": name, "n_envs": n_envs, "env_steps": tp["env_steps"],
@@ -133,6 +143,7 @@ def main(argv: list[str]) -> int:
                  "load_avg_1min": load_avg()}
         if variant is not None:
             entry["variant"] = variant
+        entry["lazy_images"] = bool(lazy)
         if isinstance(policy, VLAPolicy):
             entry["params"] = sum(p.numel() for p in policy.model.parameters())
             entry["replan_every"] = policy.replan_every
@@ -160,6 +171,25 @@ def main(argv: list[str]) -> int:
             base_policy = VLAPolicy(base, policy.processor, n_action_steps=policy.n_action_steps,
                                     replan_every=policy.replan_every, seed=0)
             variants = {"new": policy, "baseline": base_policy}
+        lazies = [bool(x) for x in args["lazy_images"]]
+        if len(lazies) > 1:  # rendering what is read vs every step, alternating, same policy and seeds
+            for n_envs in args["n_envs"]:
+                runs = []
+                for _ in range(int(args["rounds"])):
+                    runs += [one_run(name, policy, env_kwargs, int(n_envs), None, lazy) for lazy in lazies]
+                report["results"] += runs
+                counted = runs[len(lazies):] if len(runs) > len(lazies) else runs  # round 1 warms up
+                summary: dict[str, Any] = {}
+                for lazy in lazies:
+                    n, sec, ps = (sum(r[k] for r in counted if r["lazy_images"] == lazy)
+                                  for k in ("env_steps", "rollout_s", "policy_s"))
+                    summary["lazy" if lazy else "full_render"] = {
+                        "rollout_env_steps_per_s": round(n / sec, 1), "policy_ms_per_env_step": round(ps / n * 1e3, 3),
+                        "env_ms_per_step": round((sec - ps) / n * 1e3, 3)}
+                summary["speedup_env_steps_per_s"] = round(summary["lazy"]["rollout_env_steps_per_s"]
+                                                           / summary["full_render"]["rollout_env_steps_per_s"], 3)
+                report.setdefault("vs_full_render", []).append({"policy": name, "n_envs": int(n_envs), **summary})
+            continue
         for n_envs in args["n_envs"]:
             runs = []
             for _ in range(int(args["rounds"]) if len(variants) > 1 else 1):  # alternate: new, baseline, new, ...

@@ -42,6 +42,9 @@ class _ExpertEpisodes(Recorder):
         row["labels"].append(subtask)
         row["info"], row["goal"] = info, next_obs["images"] if self.keep_images else None
 
+    def needs_images(self, ep) -> bool:
+        return self.keep_images
+
     def end(self, ep) -> None:
         row = self._running.pop(ep.slot)
         info = row.pop("info")
@@ -105,7 +108,7 @@ def measure_speed(task: str, steps: int, seed: int = 0) -> dict:
                 pool.reset({0: (task, seed)})  # env construction outside the timing
                 run = rollout(
                     policy, pool, [(task, seed + k) for k in range(steps)], max_env_steps=steps,
-                    done=_expert_done(policy),
+                    done=_expert_done(policy), lazy_images=False,  # this measures the renders
                 )
             key = "no_render" if not cams else f"{'+'.join(cams)}@{size}px"
             out[key] = round(run.env_steps / run.seconds, 1)

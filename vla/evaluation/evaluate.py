@@ -258,6 +258,9 @@ class EpisodeRecords(Recorder):
     def step(self, ep, obs, action, subtask, reward, next_obs, info) -> None:
         self.progress[ep.slot] = _progress(info, self.progress.get(ep.slot))
 
+    def needs_images(self, ep) -> bool:
+        return False
+
     def end(self, ep) -> None:
         done, total = self.progress.pop(ep.slot, (None, None))
         self.records.append({"task": ep.task, "seed": ep.seed, "instruction": ep.instruction,
@@ -307,6 +310,9 @@ class VideoRecorder(Recorder):
     def step(self, ep, obs, action, subtask, reward, next_obs, info) -> None:
         self._frame(ep, next_obs)
 
+    def needs_images(self, ep) -> bool:
+        return ep.slot in self.frames  # only the episodes being filmed
+
     def end(self, ep) -> None:
         frames = self.frames.pop(ep.slot, None)
         if frames:
@@ -335,6 +341,7 @@ def run_evaluation(
     sync_chunks: bool = True,
     torch_threads: int | None = None,
     instruction: str | None = None,
+    lazy_images: bool = True,
 ) -> dict[str, Any]:
     """Closed-loop rollouts of ``policy`` on every task; returns statistics and per-episode records.
 
@@ -346,6 +353,8 @@ def run_evaluation(
     ``instruction``: one instruction for every episode (a user's own phrasing) instead of the env's;
     ``instruction_split`` picks the env's paraphrases otherwise (train, eval = held-out wording and,
     on the tabletop suite, held-out objects; paraphrase = held-out wording only; all).
+    ``lazy_images`` (default): render only the observations the policy or a video reads (once per
+    chunk; `vla.envs.rollout`); ``False`` renders every step (same episodes, slower).
     ``torch_threads``: intra-op threads for the policy during the rollouts; ``None`` = 1 when
     ``n_envs > 1`` (the env workers need the other cores: on 2 cores a tiny VLA with 4 envs ran
     ~1.5x faster with 1 thread than with 2), else unchanged.
@@ -394,7 +403,7 @@ def run_evaluation(
     try:
         with make_pool(family, n, env_kwargs, workers=n > 1) as pool:
             run = rollout(policy, pool, jobs, recorders, max_steps=max_steps, end_on_success=True,
-                          instruction=instruction)
+                          instruction=instruction, lazy_images=lazy_images)
     finally:
         torch.set_num_threads(saved_threads)
         if saved_refill is not None:
