@@ -137,3 +137,4 @@ def test_main_job_script_in_a_smoke_configuration(tmp_path):
     assert (tmp_path / "demo" / "goal_frames.zarr").is_dir()  # the goal frames joined training
     train_cfg = (tmp_path / "demo" / "train" / "config.yaml").read_text()
     assert "goal_frames.zarr" in train_cfg and "goal_patch_loss_weight: 0.3" in train_cfg
+    assert "actions_read_plan: false" in train_cfg and "planner: true" in train_cfg  # planner=side
