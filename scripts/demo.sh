@@ -8,6 +8,7 @@
 #   bash scripts/demo.sh                                    # defaults below
 #   FAMILIES=pick-place,pick-place-two EPISODES=100 STEPS=3000 EVAL_EPISODES=25 OUT=outputs/demo bash scripts/demo.sh
 #   SKIP_SETUP=1 ...                                        # use the existing .venv as it is
+#   BUDGET_S=100000 ...                                     # always train all STEPS (a slower machine takes longer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FAMILIES="${FAMILIES:-pick-place,pick-place-two}"
@@ -15,7 +16,9 @@ EPISODES="${EPISODES:-100}"          # demonstrations per family (training seeds
 IMAGE="${IMAGE:-96}"                 # px; objects are ~4 px wide at 64 (docs/RESULTS.md)
 LAYOUT="${LAYOUT:-slots}"            # slots: the scene's places are fixed, colours/goals vary | random
 GOAL_FRAMES="${GOAL_FRAMES:-2500}"   # env resets per family labelled with the first grasp (0 = none)
-STEPS="${STEPS:-1500}"               # training steps at batch 32
+STEPS="${STEPS:-1500}"               # training steps at batch 32 (at most: see BUDGET_S)
+BUDGET_S="${BUDGET_S:-870}"          # the whole script, set-up included: training gets what is left after
+EVAL_RESERVE_S="${EVAL_RESERVE_S:-100}"  # the evaluation and start-ups are set aside (trainer.time_budget_s)
 EVAL_EPISODES="${EVAL_EPISODES:-25}" # per family, seeds from 1,000,000 (never collected)
 SPLIT="${SPLIT:-paraphrase}"         # paraphrase: held-out wording | eval: + held-out objects | train
 OUT="${OUT:-outputs/demo}"
@@ -48,9 +51,11 @@ if [ "$GOAL_FRAMES" -gt 0 ]; then  # seeds 100,000+: apart from the demonstratio
   GOAL_ARGS="dataset.goal_frames=$OUT/goal_frames.zarr"
 fi
 
-echo "== 2/3 train: one tiny VLA for every family, $STEPS steps on the CPU"
+train_budget=$(( BUDGET_S - ($(date +%s) - start) - EVAL_RESERVE_S ))
+[ "$train_budget" -ge 60 ] || train_budget=60
+echo "== 2/3 train: one tiny VLA for every family, $STEPS steps on the CPU or fewer to end within $train_budget s"
 # shellcheck disable=SC2086
-vla train dataset.path="$OUT/demos.zarr" model=tiny trainer=cpu trainer.steps="$STEPS" \
+vla train dataset.path="$OUT/demos.zarr" model=tiny trainer=cpu trainer.steps="$STEPS" trainer.time_budget_s="$train_budget" \
   trainer.progress=false trainer.log_every=250 run_dir="$OUT/train" $RECIPE $GOAL_ARGS $TRAIN_ARGS
 
 echo "== 3/3 evaluate: $EVAL_EPISODES episodes per family on unseen seeds, instruction split '$SPLIT'"
