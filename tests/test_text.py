@@ -312,3 +312,20 @@ def test_text_group_composes():
     assert cfg["model"]["plan_vocab"] == "words"
     plain = OmegaConf.to_container(compose("train", ["dataset.path=x"]), resolve=True)
     assert "text" not in plain["model"] and plain["text"]["name"] == "bytes"
+
+
+def test_trainer_encodes_every_instruction_before_the_first_step(tmp_path):
+    from train_utils import make_store, train_cfg
+
+    from vla.training import Trainer
+    from vla.training import distributed as dist_utils
+
+    store = make_store(tmp_path / "s.zarr", episodes=4, tasks=("reach", "push", "pull"))
+    t = Trainer(train_cfg(store, tmp_path / "run", "text=minilm"), dist_utils.init("cpu"))
+    assert len(t.raw_model._text_memo) == 3  # "do reach", "do push", "do pull": each encoded once, up front
+    calls = []
+    t.raw_model.vlm["text_encoder"].register_forward_hook(lambda m, i, o: calls.append(1))
+    metrics = t.train_step(next(iter(t.loader())))
+    assert calls == [] and np.isfinite(metrics["loss"])  # the steps only read the memo
+    bytes_run = Trainer(train_cfg(store, tmp_path / "bytes", "text=bytes"), dist_utils.init("cpu"))
+    assert bytes_run.raw_model._text_memo == {}  # nothing to encode with byte text
