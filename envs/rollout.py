@@ -21,7 +21,7 @@ images only when it predicts a chunk (once per ``n_action_steps`` steps), so bef
 engine asks the policy (``needs_observations``) and every recorder (``needs_images``) whether the
 step's observation will be read, and the pool's env skips rendering when nobody will: such an
 observation has only ``state``. Policies and recorders without these methods count as readers. On
-the 2-core CPU rendering is most of an env step (docs: BENCHMARKS.md, "Closed loop").
+the 2-core CPU rendering is most of an env step (BENCHMARKS.md, "Closed-loop evaluation throughput").
 
 A worker lost mid-episode (killed, out of memory) never hangs the loop: its episode's recorders
 get ``discard``, the job goes back to ``jobs`` to be re-run from its seed on a restarted worker,
