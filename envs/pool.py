@@ -34,6 +34,11 @@ import numpy as np
 StepResult = tuple[dict, float, bool, bool, dict]  # (obs, reward, terminated, truncated, info)
 
 
+def _wants_images(images: dict[int, bool] | None, slot: int) -> bool:
+    """Whether ``slot``'s next observation is to be rendered (``images`` omitted or silent: yes)."""
+    return True if images is None else bool(images.get(slot, True))
+
+
 class _TaskEnvs:
     """The envs of one slot, one per task, keeping the ``keep`` most recently used."""
 
@@ -89,11 +94,12 @@ class InProcessPool:
 
     def step(self, actions: dict[int, np.ndarray], images: dict[int, bool] | None = None
              ) -> dict[int, StepResult | None]:
-        return {i: self._slots[i].step(a, True if images is None else images.get(i, True)) for i, a in actions.items()}
+        self.send(actions, images)
+        return self.receive()
 
     def send(self, actions: dict[int, np.ndarray], images: dict[int, bool] | None = None) -> None:
         """Queue one step per slot; ``images[slot]=False``: that step's observation need not be rendered."""
-        self._sent.update({i: (a, True if images is None else images.get(i, True)) for i, a in actions.items()})
+        self._sent.update({i: (a, _wants_images(images, i)) for i, a in actions.items()})
 
     def receive(self, wait_all: bool = True) -> dict[int, StepResult | None]:
         sent, self._sent = self._sent, {}
@@ -251,8 +257,7 @@ class ProcessPool:
     def send(self, actions: dict[int, np.ndarray], images: dict[int, bool] | None = None) -> None:
         """Start one step in each slot of ``actions``; :meth:`receive` collects the results.
         ``images[slot]=False``: that step's observation need not be rendered (nobody reads it)."""
-        self._send({i: ("step", np.asarray(a, np.float32), True if images is None else bool(images.get(i, True)))
-                    for i, a in actions.items()})
+        self._send({i: ("step", np.asarray(a, np.float32), _wants_images(images, i)) for i, a in actions.items()})
 
     def receive(self, wait_all: bool = True) -> dict[int, StepResult | None]:
         """Results of the steps sent: all of them, or (``wait_all=False``) whichever are ready,

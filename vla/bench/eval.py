@@ -87,6 +87,15 @@ def _tiny_vla(args: dict[str, Any]) -> Any:
                      replan_every=args["replan_every"] or None, seed=0)
 
 
+def _rates(runs: list[dict[str, Any]], with_env: bool = False) -> dict[str, float]:
+    """Env steps/s and policy ms per env step over ``runs`` pooled (and the rest's ms per step)."""
+    n, sec, ps = (sum(r[k] for r in runs) for k in ("env_steps", "rollout_s", "policy_s"))
+    out = {"rollout_env_steps_per_s": round(n / sec, 1), "policy_ms_per_env_step": round(ps / n * 1e3, 3)}
+    if with_env:
+        out["env_ms_per_step"] = round((sec - ps) / n * 1e3, 3)
+    return out
+
+
 class _Timed:
     """Wraps a policy; sums the seconds spent in ``act_batch`` (every other attribute passes through)."""
 
@@ -179,13 +188,8 @@ def main(argv: list[str]) -> int:
                     runs += [one_run(name, policy, env_kwargs, int(n_envs), None, lazy) for lazy in lazies]
                 report["results"] += runs
                 counted = runs[len(lazies):] if len(runs) > len(lazies) else runs  # round 1 warms up
-                summary: dict[str, Any] = {}
-                for lazy in lazies:
-                    n, sec, ps = (sum(r[k] for r in counted if r["lazy_images"] == lazy)
-                                  for k in ("env_steps", "rollout_s", "policy_s"))
-                    summary["lazy" if lazy else "full_render"] = {
-                        "rollout_env_steps_per_s": round(n / sec, 1), "policy_ms_per_env_step": round(ps / n * 1e3, 3),
-                        "env_ms_per_step": round((sec - ps) / n * 1e3, 3)}
+                summary: dict[str, Any] = {"lazy" if lazy else "full_render": _rates(
+                    [r for r in counted if r["lazy_images"] == lazy], with_env=True) for lazy in lazies}
                 summary["speedup_env_steps_per_s"] = round(summary["lazy"]["rollout_env_steps_per_s"]
                                                            / summary["full_render"]["rollout_env_steps_per_s"], 3)
                 report.setdefault("vs_full_render", []).append({"policy": name, "n_envs": int(n_envs), **summary})
@@ -197,10 +201,7 @@ def main(argv: list[str]) -> int:
             report["results"] += runs
             if len(variants) > 1:
                 counted = runs[len(variants):] if len(runs) > len(variants) else runs  # round 1 warms up
-                tot = {v: [sum(r[k] for r in counted if r["variant"] == v)
-                           for k in ("env_steps", "rollout_s", "policy_s")] for v in variants}
-                summary = {v: {"rollout_env_steps_per_s": round(n / sec, 1),
-                               "policy_ms_per_env_step": round(ps / n * 1e3, 3)} for v, (n, sec, ps) in tot.items()}
+                summary = {v: _rates([r for r in counted if r["variant"] == v]) for v in variants}
                 summary["speedup_env_steps_per_s"] = round(summary["new"]["rollout_env_steps_per_s"]
                                                            / summary["baseline"]["rollout_env_steps_per_s"], 3)
                 summary["speedup_policy_per_step"] = round(summary["baseline"]["policy_ms_per_env_step"]
