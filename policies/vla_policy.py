@@ -65,6 +65,7 @@ class VLAPolicy(Policy):
         use_cache: bool = True,
         train_config: dict | None = None,
         env_options: dict | None = None,
+        trained_on: dict | None = None,
     ) -> None:
         cfg = model.cfg
         if int(n_action_steps) > cfg.horizon:
@@ -81,6 +82,7 @@ class VLAPolicy(Policy):
         self.use_cache = bool(use_cache)
         self.train_config = dict(train_config or {})
         self.env_options = dict(env_options or {})   # the training store's (e.g. tabletop layout)
+        self.trained_on = dict(trained_on or {})     # the training store's env family and tasks
         self.n_obs_steps = int(cfg.n_obs_steps)
         self.generator = torch.Generator(device="cpu")
         self.reseed(seed)
@@ -106,7 +108,8 @@ class VLAPolicy(Policy):
         model, processor, config = load_policy_bundle(path, device=device, use_ema=use_ema)
         return cls(model, processor, n_action_steps=n_action_steps, replan_every=replan_every,
                    temporal_ensemble=temporal_ensemble, num_flow_steps=num_flow_steps, seed=seed, device=device,
-                   train_config=config.get("train") or {}, env_options=config.get("env_options"))
+                   train_config=config.get("train") or {}, env_options=config.get("env_options"),
+                   trained_on=config.get("store"))
 
     def reseed(self, seed: int | None) -> None:
         """Restart the noise stream (``None``: a nondeterministic seed)."""

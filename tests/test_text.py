@@ -140,6 +140,27 @@ def test_frozen_encoder_gets_no_gradient_and_finetune_trains_it():
             assert not any(p.requires_grad for p in enc) and all(p.grad is None for p in enc)
 
 
+def test_frozen_states_from_the_memo_equal_the_encoder_row_by_row():
+    """The memo path (one host copy of the ids per batch, a table of distinct instructions, one gather)
+    gives each row exactly what the encoder gives that row alone; repeated rows share one memo entry."""
+    from vla.model import VLA
+    from vla.text_encoder import WordPieceTokenizer
+
+    model = VLA(tiny_config(text="minilm")).eval()
+    texts = ["open the drawer", "put the purple cube on the plate", "open the drawer", "push it", "push it"]
+    ids, mask = WordPieceTokenizer().batch_encode(texts, 48)  # (5, Li): rows of different lengths, repeats
+    h = model._frozen_text_states(ids, mask)  # (5, Li, 384)
+    assert h.shape == (5, ids.shape[1], 384) and len(model._text_memo) == 3
+    enc = model.vlm["text_encoder"]
+    with torch.no_grad():
+        for k in range(5):
+            n = int(mask[k].sum())
+            torch.testing.assert_close(h[k, :n], enc(ids[k:k + 1, :n], mask[k:k + 1, :n])[0], atol=0, rtol=0)
+            assert not h[k, n:].any()  # padding stays zero
+    again = model._frozen_text_states(ids[[3, 1]], mask[[3, 1]])  # a second batch only reads the memo
+    assert len(model._text_memo) == 3 and torch.equal(again[:, :ids.shape[1]], h[[3, 1]])
+
+
 def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
     import vla.text_encoder as te
     from vla.model import VLA

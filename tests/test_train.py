@@ -105,6 +105,28 @@ def test_checkpoint_carries_the_store_env_options_to_eval(tmp_path):
     assert kwargs["layout"] == "random"
 
 
+def test_a_checkpoint_copied_without_its_store_and_optimizer_state_still_evaluates(tmp_path):
+    """The checkpoint records its store's env family and tasks, so `vla eval` needs neither the store
+    nor env=/tasks= once the run dir is copied elsewhere; a step folder without trainer_state.pt loads
+    as a policy (e.g. copied off a GPU machine without it) but cannot be resumed."""
+    import shutil
+
+    from vla.commands.eval import build_policy
+    from vla.config import compose
+
+    store = make_store(tmp_path / "s.zarr", episodes=2, tasks=("reach", "push"))
+    train(train_cfg(store, tmp_path / "run", "trainer.steps=2"))
+    step_dir = ckpt.resolve_checkpoint(tmp_path / "run")
+    assert ckpt.read_config(step_dir)["store"] == {"env": "synthetic", "tasks": ["reach", "push"]}
+    shutil.rmtree(store)
+    (step_dir / "trainer_state.pt").unlink()
+    args = [f"policy.checkpoint={tmp_path / 'run'}", "policy.n_action_steps=4"]
+    _, env, tasks, _ = build_policy(compose("eval", args))
+    assert (env, tasks) == ("synthetic", ["reach", "push"])
+    with pytest.raises(ValueError, match=r"incomplete: missing \['trainer_state.pt'\]"):
+        ckpt.resolve_checkpoint(tmp_path / "run")  # what resuming asks for
+
+
 def test_training_loss_drops_on_a_tiny_store(store, tmp_path):
     run = tmp_path / "run"
     train(train_cfg(store, run, "trainer.steps=80", "trainer.batch_size=12", "trainer.lr=3e-3",

@@ -35,6 +35,9 @@ import torch
 FORMAT = "vla.checkpoint"
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "ema.safetensors", "config.json", "normalizer.json", "tokenizer.json", "trainer_state.pt")
+# What a policy needs (evaluation, serving, planning): a step folder without the optimizer state still loads
+# as a policy (e.g. one copied off a training machine without it), never for resuming.
+POLICY_FILES = tuple(f for f in FILES if f != "trainer_state.pt")
 
 
 def step_dirname(step: int) -> str:
@@ -188,8 +191,9 @@ def _remove_step_dir(p: Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """Find the step folder for a run dir, its ``checkpoints`` dir, or a step folder itself."""
+def resolve_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = FILES) -> Path:
+    """Find the step folder for a run dir, its ``checkpoints`` dir, or a step folder itself, and check that
+    it holds the ``required`` files (default: all of them, as resuming needs)."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"checkpoint path does not exist: {p}")
@@ -212,7 +216,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                     f"with step_* folders, or a step folder with model.safetensors"
                 )
             step_dir = found[-1]
-    missing = [f for f in FILES if not (step_dir / f).is_file()]
+    missing = [f for f in required if not (step_dir / f).is_file()]
     if missing:
         raise ValueError(f"checkpoint {step_dir} is incomplete: missing {missing}")
     return step_dir
@@ -265,7 +269,7 @@ def load_policy_bundle(path: str | os.PathLike, device: str | torch.device = "cp
     from vla.processor import Processor
     from vla.tokenizer import ByteTokenizer
 
-    step_dir = resolve_checkpoint(path)
+    step_dir = resolve_checkpoint(path, required=POLICY_FILES)
     cfg = read_config(step_dir)
     model_cfg = model_config_from_dict(cfg["model"])
     try:

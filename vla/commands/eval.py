@@ -32,12 +32,15 @@ def _store_info(path: str | None) -> tuple[str | None, list[str]]:
         return None, []
 
 
-def checkpoint_env_and_tasks(train_cfg: dict[str, Any]) -> tuple[str | None, list[str]]:
-    """The env family and tasks a checkpoint was trained for: train ``eval.*``, ``dataset.tasks``, the store."""
+def checkpoint_env_and_tasks(train_cfg: dict[str, Any],
+                             trained_on: dict[str, Any] | None = None) -> tuple[str | None, list[str]]:
+    """The env family and tasks a checkpoint was trained for: train ``eval.*``, ``dataset.tasks``, the
+    store's env and tasks as the checkpoint recorded them (``trained_on``), the store itself."""
     ev = train_cfg.get("eval") or {}
     ds = train_cfg.get("dataset") or {}
-    env = ev.get("env")
-    tasks = list(ev.get("tasks") or []) or list(ds.get("tasks") or [])
+    trained_on = trained_on or {}
+    env = ev.get("env") or trained_on.get("env")
+    tasks = list(ev.get("tasks") or []) or list(ds.get("tasks") or []) or list(trained_on.get("tasks") or [])
     if not env or not tasks:
         store_env, store_tasks = _store_info(ds.get("path"))
         env = env or store_env
@@ -75,7 +78,7 @@ def build_policy(cfg: Any) -> tuple[Any, str, list[str], dict[str, Any]]:
         if not env or not tasks:
             raise ValueError("policy=remote needs env=FAMILY and tasks=[...] (the server does not say them)")
         return policy, env, tasks, {**env_kwargs, **policy.env_kwargs(), **given}
-    ck_env, ck_tasks = checkpoint_env_and_tasks(policy.train_config)
+    ck_env, ck_tasks = checkpoint_env_and_tasks(policy.train_config, getattr(policy, "trained_on", None))
     env = env or ck_env
     tasks = tasks or ck_tasks
     if not env or not tasks:

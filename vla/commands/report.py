@@ -244,8 +244,9 @@ def plot_chart(table: dict[str, Any], path: str | Path, title: str | None = None
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(tasks) * max(1, len(variants)) ** 0.5), 4))
     for i, v in enumerate(variants):
         rates = [v["per_task"].get(t, {}).get("rate", 0.0) for t in tasks]
-        lo = [r - v["per_task"].get(t, {}).get("ci95", [r, r])[0] for t, r in zip(tasks, rates)]
-        hi = [v["per_task"].get(t, {}).get("ci95", [r, r])[1] - r for t, r in zip(tasks, rates)]
+        # clipped: at 0/N (or N/N) the interval's edge equals the rate up to rounding, a tiny negative error bar
+        lo = [max(0.0, r - v["per_task"].get(t, {}).get("ci95", [r, r])[0]) for t, r in zip(tasks, rates)]
+        hi = [max(0.0, v["per_task"].get(t, {}).get("ci95", [r, r])[1] - r) for t, r in zip(tasks, rates)]
         ax.bar(x + (i - (len(variants) - 1) / 2) * width, rates, width, yerr=[lo, hi], capsize=2, label=v["variant"])
     ax.set_xticks(x, tasks, rotation=20, ha="right")
     ax.set_ylim(0, 1.05)

@@ -292,7 +292,9 @@ class Trainer:
                 ema_state={k[strip:]: v for k, v in ema_sd.items()} if ema_sd is not None else None,
                 config={"model": jsonable(self.model_cfg_dict),
                         "train": OmegaConf.to_container(self.cfg, resolve=True),
-                        "env_options": self.store.env_options},
+                        "env_options": self.store.env_options,
+                        # so the checkpoint evaluates without its store (copied off the training machine)
+                        "store": {"env": self.store.env, "tasks": list(dict.fromkeys(self.store.episode_tasks))}},
                 normalizer=self.normalizer.to_dict(),
                 tokenizer=self.tokenizer.to_dict(),
                 trainer_state=state,
