@@ -194,6 +194,27 @@ def test_word_position_points_at_the_word():
 
 
 @pytest.mark.parametrize("text", ["bytes", "minilm"])
+def test_processor_tokenizes_each_distinct_instruction_once(text, monkeypatch):
+    """The processor's instruction memo gives exactly the tokenizer's padded batch (truncation included),
+    and a repeated instruction is tokenized once however often it comes."""
+    from vla.processor import Processor
+
+    proc = Processor(words_config(text, max_instruction_tokens=12), normalizer())
+    tok = proc.text_tokenizer or proc.tokenizer
+    texts = ["open the drawer", "put the purple cube on the plate next to the bowl", "", "open the drawer"]
+    want_ids, want_mask = tok.batch_encode(texts, 12)  # (4, L): the second row truncated, the third empty
+    calls = []
+    real = tok.batch_encode
+    monkeypatch.setattr(tok, "batch_encode", lambda t, n: calls.append(list(t)) or real(t, n))
+    for _ in range(2):
+        ids, mask = proc.tokenize_instructions(texts, "cpu")
+        assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
+    pos = proc.instruction_word_pos(texts)  # (4, copy_slots)
+    assert torch.equal(pos[0], pos[3]) and pos[2].eq(-1).all()
+    assert sorted(map(tuple, calls)) == [("",), ("open the drawer",), (texts[1],)]  # once per distinct text
+
+
+@pytest.mark.parametrize("text", ["bytes", "minilm"])
 def test_word_plans_train_and_decode_with_and_without_cache(text):
     from vla.model import VLA
     from vla.processor import Processor

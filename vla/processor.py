@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from vla.model import VLAConfig
 from vla.normalize import Normalizer
 from vla.observation import ObservationSpec, validate_observation
-from vla.tokenizer import ByteTokenizer, PlanVocab, word_starts
+from vla.tokenizer import ByteTokenizer, PlanVocab, pad_rows, word_starts
 
 
 def _tensor(x: Any, where: str) -> torch.Tensor:
@@ -64,6 +64,9 @@ class Processor:
 
             self.text_tokenizer = WordPieceTokenizer()
         self.plan_vocab = PlanVocab(config.plan_words, config.copy_slots) if config.plan_vocab == "words" else None
+        # instruction -> (token ids, word positions): a store has a few hundred distinct instructions, and
+        # tokenizing 256 of them per batch (twice for word positions) cost ~50 ms of host time per step
+        self._instruction_memo: dict[str, tuple[list[int], list[int]]] = {}
         # training with goal_patch_loss_weight: the first camera's 3x4 projection (world xyz -> pixel) at the
         # model's image size, set by the training loop (`camera_projection`); the state's first three
         # entries are the hand's world position, so a goal state's are where the goal is
@@ -120,30 +123,44 @@ class Processor:
                 raise ValueError(f"{key}[{i}]: expected str, got {type(t).__name__}")
         return list(texts)
 
+    def _instruction(self, text: str) -> tuple[list[int], list[int]]:
+        """(token ids, word positions) of one instruction, computed once per distinct text."""
+        hit = self._instruction_memo.get(text)
+        if hit is None:
+            if len(self._instruction_memo) >= 16384:  # bounded: a server may see many texts
+                self._instruction_memo.clear()
+            tok = self.text_tokenizer or self.tokenizer
+            ids, mask = tok.batch_encode([text], self.config.max_instruction_tokens)  # (1, L) x2
+            hit = self._instruction_memo[text] = (ids[0][mask[0]].tolist(), self._word_pos(text))
+        return hit
+
     def tokenize_instructions(self, texts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.text_tokenizer or self.tokenizer
-        ids, mask = tok.batch_encode(texts, self.config.max_instruction_tokens)
+        ids, mask = pad_rows([self._instruction(t)[0] for t in texts], tok.pad_id)
         return ids.to(device), mask.to(device)  # (B, Li) x2
 
     def instruction_word_pos(self, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
         """i64 [B, copy_slots]: the instruction token index where word i starts (-1: no word i, or truncated)."""
+        pos = torch.tensor([self._instruction(t)[1] for t in texts], dtype=torch.long)
+        return pos.reshape(len(texts), self.config.copy_slots).to(device)  # (B, K)
+
+    def _word_pos(self, text: str) -> list[int]:
         cfg = self.config
-        pos = torch.full((len(texts), cfg.copy_slots), -1, dtype=torch.long)  # (B, K)
-        for b, text in enumerate(texts):
-            starts = word_starts(text)[: cfg.copy_slots]
-            if self.text_tokenizer is None:  # bytes: a word starts at the byte offset of its first character
-                idx = [len(text[:c].encode("utf-8")) for c in starts]
-                limit = cfg.max_instruction_tokens
-            else:  # WordPiece: the first non-special token whose character span holds the word's start
-                enc = self.text_tokenizer.tok.encode(text)
-                spans = [(j, a, e) for j, ((a, e), special) in enumerate(zip(enc.offsets, enc.special_tokens_mask))
-                         if not special]
-                idx = [next((j for j, a, e in spans if a <= c < e), -1) for c in starts]
-                limit = cfg.max_instruction_tokens - 1  # the encoder keeps [SEP] last when truncating
-            for i, j in enumerate(idx):
-                if 0 <= j < limit:
-                    pos[b, i] = j
-        return pos.to(device)
+        pos = [-1] * cfg.copy_slots
+        starts = word_starts(text)[: cfg.copy_slots]
+        if self.text_tokenizer is None:  # bytes: a word starts at the byte offset of its first character
+            idx = [len(text[:c].encode("utf-8")) for c in starts]
+            limit = cfg.max_instruction_tokens
+        else:  # WordPiece: the first non-special token whose character span holds the word's start
+            enc = self.text_tokenizer.tok.encode(text)
+            spans = [(j, a, e) for j, ((a, e), special) in enumerate(zip(enc.offsets, enc.special_tokens_mask))
+                     if not special]
+            idx = [next((j for j, a, e in spans if a <= c < e), -1) for c in starts]
+            limit = cfg.max_instruction_tokens - 1  # the encoder keeps [SEP] last when truncating
+        for i, j in enumerate(idx):
+            if 0 <= j < limit:
+                pos[i] = j
+        return pos
 
     def tokenize_plans(self, texts: list[str], device: torch.device | str,
                        instructions: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,12 +27,9 @@ SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<plan>", "<sep>")
 def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids i64[B, L] and mask bool[B, L] of token rows, L = the longest row (at least 1)."""
     length = max([1] + [len(r) for r in rows])
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # (B, L)
-    mask = torch.zeros((len(rows), length), dtype=torch.bool)  # (B, L)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[b, : len(r)] = True
-    return ids, mask
+    ids = torch.tensor([[*r, *[pad_id] * (length - len(r))] for r in rows], dtype=torch.long)  # (B, L)
+    mask = torch.tensor([[True] * len(r) + [False] * (length - len(r)) for r in rows], dtype=torch.bool)  # (B, L)
+    return ids.reshape(len(rows), length), mask.reshape(len(rows), length)
 
 class ByteTokenizer:
     """UTF-8 bytes + special tokens + ``action_bins`` discrete action tokens."""
