@@ -145,6 +145,7 @@ class Processor:
         return pos.reshape(len(texts), self.config.copy_slots).to(device)  # (B, K)
 
     def _word_pos(self, text: str) -> list[int]:
+        """Token index where each of the first ``copy_slots`` words of ``text`` starts (-1: none, or truncated)."""
         cfg = self.config
         pos = [-1] * cfg.copy_slots
         starts = word_starts(text)[: cfg.copy_slots]
