@@ -115,7 +115,8 @@ stage train $(( $(date +%s) - t ))
 if [ "$EVAL_EPISODES" -gt 0 ]; then
   for v in "${variants[@]}"; do
     read -r _ _ run_dir <<< "$v"
-    eval_dir="${run_dir/train/eval}"
+    name="${run_dir##*/}"                # train or train_TEXT_sSEED: its evaluations are eval*, eval_heldout*
+    eval_dir="$OUT/${name/train/eval}"
     echo "== 3/3 evaluate $run_dir: $EVAL_EPISODES episodes per task on unseen seeds, $N_ENVS envs, policy on $DEVICE"
     t=$(date +%s)
     vla eval checkpoint="$run_dir" episodes="$EVAL_EPISODES" n_envs="$N_ENVS" policy.device="$DEVICE" \
@@ -124,7 +125,7 @@ if [ "$EVAL_EPISODES" -gt 0 ]; then
     if [ "$HELDOUT_EPISODES" -gt 0 ]; then
       t=$(date +%s)
       vla eval checkpoint="$run_dir" episodes="$HELDOUT_EPISODES" n_envs="$N_ENVS" policy.device="$DEVICE" \
-        instruction_split="$HELDOUT_SPLIT" videos=0 progress=false run_dir="${eval_dir/eval/eval_heldout}"
+        instruction_split="$HELDOUT_SPLIT" videos=0 progress=false run_dir="$OUT/${name/train/eval_heldout}"
       stage "${eval_dir##*/}_heldout" $(( $(date +%s) - t ))
     fi
   done

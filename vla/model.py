@@ -694,10 +694,9 @@ class VLA(nn.Module):
             with torch.no_grad():
                 self._text_memo[key] = enc(tokens[k:k + 1, :n], mask[k:k + 1, :n])[0]  # (n, 384)
         table = tokens.new_zeros(len(first_row), tokens.shape[1], enc.width, dtype=torch.float32)  # (U, Li, 384)
-        slot = {}
-        for j, key in enumerate(first_row):
+        slot = {key: j for j, key in enumerate(first_row)}
+        for key, j in slot.items():
             table[j, :len(key) - 1] = self._text_memo[key]
-            slot[key] = j
         index = torch.tensor([slot[key] for key in keys], device=tokens.device)  # (B,)
         return table[index]  # (B, Li, 384)
 
