@@ -16,7 +16,7 @@ EPISODES="${EPISODES:-100}"          # demonstrations per family (training seeds
 IMAGE="${IMAGE:-96}"                 # px; objects are ~4 px wide at 64 (docs/RESULTS.md)
 LAYOUT="${LAYOUT:-slots}"            # slots: the scene's places are fixed, colours/goals vary | random
 GOAL_FRAMES="${GOAL_FRAMES:-2500}"   # env resets per family labelled with the first grasp (0 = none)
-STEPS="${STEPS:-1500}"               # training steps at batch 32 (at most: see BUDGET_S)
+STEPS="${STEPS:-3000}"               # training steps at batch 32 (at most: see BUDGET_S)
 BUDGET_S="${BUDGET_S:-870}"          # the whole script, set-up included: training gets what is left after
 EVAL_RESERVE_S="${EVAL_RESERVE_S:-100}"  # the evaluation and start-ups are set aside (trainer.time_budget_s)
 EVAL_EPISODES="${EVAL_EPISODES:-25}" # per family, seeds from 1,000,000 (never collected)
@@ -35,7 +35,7 @@ TRAIN_ARGS="${TRAIN_ARGS:-}"         # extra `vla train` overrides (recipe exper
 start=$(date +%s)
 [ -n "${SKIP_SETUP:-}" ] || bash scripts/setup.sh
 . .venv/bin/activate
-export MUJOCO_GL="${MUJOCO_GL:-egl}" OMP_WAIT_POLICY=PASSIVE
+export MUJOCO_GL="${MUJOCO_GL:-egl}"
 mkdir -p "$OUT"
 rm -rf "$OUT/demos.zarr" "$OUT/train" "$OUT/eval"
 

@@ -18,7 +18,7 @@ PLANNER="${PLANNER:-on}"          # on: the model also decodes the subtask plan 
 start=$(date +%s)
 bash scripts/setup.sh
 . .venv/bin/activate
-export MUJOCO_GL="${MUJOCO_GL:-egl}" OMP_WAIT_POLICY=PASSIVE
+export MUJOCO_GL="${MUJOCO_GL:-egl}"
 mkdir -p "$OUT"
 rm -rf "$OUT/demos.zarr" "$OUT/train" "$OUT/eval"
 

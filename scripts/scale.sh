@@ -56,7 +56,7 @@ case "$SUITE" in
     ;;
   *) echo "scripts/scale.sh: SUITE must be mt10 or tabletop, got '$SUITE'" >&2; exit 2 ;;
 esac
-export MUJOCO_GL="${MUJOCO_GL:-egl}" OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
+export MUJOCO_GL="${MUJOCO_GL:-egl}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 rm -rf "$OUT"/demos.zarr "$OUT"/train* "$OUT"/eval*
 stage() { echo "{\"stage\": \"$1\", \"seconds\": $2}" >> "$OUT/stages.jsonl"; echo "== $1: $2 s"; }

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -89,3 +90,19 @@ def test_version_and_exit_codes(capsys, monkeypatch):
         monkeypatch.setattr(cli.importlib, "import_module", lambda name, fn=fn: types.SimpleNamespace(main=fn))
         assert main(["plan"]) == code
         assert text in capsys.readouterr().err
+
+
+def test_runtime_defaults_leave_the_openmp_wait_policy_to_the_runtime(monkeypatch):
+    """A forced OMP_WAIT_POLICY=PASSIVE made small kernels 3-4x slower on 2 cores: the CLI must not set it,
+    and must keep a user's own choice (BENCHMARKS.md, "OpenMP wait policy")."""
+    from vla import cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    cli._set_runtime_defaults()
+    assert "OMP_WAIT_POLICY" not in os.environ
+    assert os.environ["MUJOCO_GL"] == "egl"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    cli._set_runtime_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["MUJOCO_GL"] == "osmesa"

@@ -286,3 +286,30 @@ def test_bad_model_batches_get_clear_errors(key, edit, match):
     if key in ("images", "state"):
         with pytest.raises(ValueError, match=match):
             model.sample({**batch, key: edit(batch[key])})
+
+
+def test_conv_stem_in_channels_last_equals_the_plain_layout():
+    """The stem runs channels-last (faster on the CPU); its tokens must be those of the same convolutions in
+    the plain NCHW layout, row-major per view, with FiLM and CoordConv on."""
+    import torch.nn.functional as F
+
+    from vla.model import ConvStem, conv_strides
+
+    torch.manual_seed(0)
+    stem = ConvStem(conv_strides(16), 32, film=True, coords=True)
+    for film in stem.films:
+        torch.nn.init.normal_(film.weight, std=0.1)  # zero-initialised: make FiLM matter
+    img, cond = torch.randn(3, 3, 32, 32), torch.randn(3, 32)
+    out = stem(img, cond)
+    n, _, h, w = img.shape
+    ys = torch.linspace(-1, 1, h)[:, None].expand(h, w)
+    xs = torch.linspace(-1, 1, w)[None, :].expand(h, w)
+    x = torch.cat([img, torch.stack([xs, ys]).expand(n, 2, h, w)], 1).contiguous()
+    for conv, film in zip(stem.convs, stem.films):
+        x = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding).contiguous()
+        scale, shift = film(cond).chunk(2, dim=-1)
+        x = F.gelu(x * (1 + scale[:, :, None, None]) + shift[:, :, None, None], approximate="tanh")
+    ref = F.conv2d(x, stem.out.weight, stem.out.bias).flatten(2).transpose(1, 2)  # (N, h*w, D)
+    assert out.shape == ref.shape == (3, 4, 32)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert out.is_contiguous()

@@ -41,8 +41,10 @@ USAGE = "usage: vla SUBCOMMAND [ARGS | hydra overrides key=value ...]\n       vl
 
 
 def _set_runtime_defaults() -> None:
-    # Two processes sharing two cores crawl under OpenMP's default spin-wait.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's wait policy is left to the runtime (its threads spin briefly after a parallel region,
+    # then sleep; fewer spins when threads outnumber cores). Forcing PASSIVE made every small kernel
+    # wake its threads from sleep: on 2 cores the tiny chunk took 27-35 ms instead of 8-9, a training
+    # step ~1.3x longer and a one-env evaluation ~1.9x slower (BENCHMARKS.md, "OpenMP wait policy").
     # Headless rendering: EGL works out of the box here; users may set osmesa instead.
     os.environ.setdefault("MUJOCO_GL", "egl")
 
