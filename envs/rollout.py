@@ -10,6 +10,9 @@ protects all of them at once.
 - ``policy``: anything with ``reset(slot)``, ``act_batch(obs_list, instructions, infos,
   env_indices=...)`` and ``current_subtask(slot)`` (:class:`RolloutPolicy`; ``vla.policies.Policy``
   is one). It is asked once per step for all running slots, so batched policies see full batches.
+  A policy with ``recorded_action(slot)`` names the action recorders get when it differs from the
+  executed one (the scripted expert under ``action_noise`` records its own action, not the noisy
+  one it executes); None there means the executed action.
 - ``pool``: an :mod:`vla.envs.pool` pool; each slot runs one episode at a time.
 - ``jobs``: the episodes to run, ``(task, seed)`` pairs, as a list or as an object with
   ``next_job() -> (task, seed) | None`` and ``lost(job)`` (``vla collect`` decides as it goes how
@@ -214,6 +217,7 @@ def rollout(
         reads = policy_reads(slots)
         return {i: bool(p) or any(f(running[i][1]) for f in image_readers) for i, p in zip(slots, reads)}
 
+    recorded_action = getattr(policy, "recorded_action", None)
     policy.reset()
     start()
     sent: dict[int, np.ndarray] = {}  # slot -> the action of its step in flight
@@ -249,6 +253,9 @@ def rollout(
             ep.success = ep.success or bool(info.get("success", False))
             ep.terminated, ep.truncated = terminated, truncated
             subtask = policy.current_subtask(i)
+            if recorded_action is not None:  # e.g. the expert under action_noise: record its own action
+                own = recorded_action(i)
+                action = action if own is None else own
             for r in recorders:
                 r.step(ep, obs[i], action, subtask, reward, o, info)
             obs[i], infos[i] = o, info

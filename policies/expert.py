@@ -5,10 +5,19 @@ simulator state (``info["privileged"]``), so unlike learned policies they need t
 dict on every call: ``act(obs, instruction, info)``. The evaluation loop passes infos to every
 policy; learned policies ignore them. The subtask label the expert emits is exposed as
 ``current_subtask`` so expert videos carry the same overlay as VLA videos.
+
+``action_noise > 0`` perturbs what is executed, not what is taught (DART-style collection): each
+step, Gaussian noise of that standard deviation (in action units) is added to the move components
+(every component but the last, the gripper), clipped to [-1, 1], and the env executes the perturbed
+action, while ``recorded_action`` returns the expert's own action for the store. The states then
+wander off the expert's path by a few millimetres and the store shows how the expert steers back,
+which clean demonstrations never show. The noise of an episode is seeded by its first privileged
+vector and ``noise_seed``, so a collection is reproducible whatever order workers finish in.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -24,12 +33,20 @@ class ExpertPolicy(Policy):
 
     name = "expert"
 
-    def __init__(self, family: str, task: str | None = None) -> None:
+    def __init__(self, family: str, task: str | None = None, action_noise: float = 0.0,
+                 noise_seed: int = 0) -> None:
         super().__init__(n_action_steps=1)
+        if not (float(action_noise) >= 0.0):
+            raise ValueError(f"ExpertPolicy: action_noise must be >= 0 (a standard deviation in action units), "
+                             f"got {action_noise}")
         self.family = family
         self.task = task
+        self.action_noise = float(action_noise)
+        self.noise_seed = int(noise_seed)
         self._experts: dict[int, tuple[str, Any]] = {}  # slot -> (task, expert)
         self._subtasks: dict[int, str] = {}
+        self._rngs: dict[int, np.random.Generator] = {}  # slot -> the running episode's noise
+        self._clean: dict[int, np.ndarray] = {}  # slot -> the expert's own last action (action_noise > 0)
         if task is not None:
             self._make(task)  # fail early on an unknown family/task
 
@@ -57,6 +74,8 @@ class ExpertPolicy(Policy):
             if s in self._experts:
                 self._experts[s][1].reset()
             self._subtasks.pop(s, None)
+            self._rngs.pop(s, None)
+            self._clean.pop(s, None)
 
     def predict_chunks(
         self,
@@ -74,9 +93,27 @@ class ExpertPolicy(Policy):
         chunks = []
         for obs, info, slot in zip(obs_list, infos, env_indices):
             action, subtask = self._expert_for(slot, info).act(obs, info)
+            action = np.asarray(action, np.float32)
             self._subtasks[slot] = str(subtask)
-            chunks.append(Chunk(np.asarray(action, np.float32)[None], plan=[str(subtask)]))  # (1, A)
+            if self.action_noise > 0:
+                self._clean[slot] = action
+                action = self._perturb(slot, action, info)
+            chunks.append(Chunk(action[None], plan=[str(subtask)]))  # (1, A)
         return chunks
+
+    def _perturb(self, slot: int, action: np.ndarray, info: dict) -> np.ndarray:
+        rng = self._rngs.get(slot)
+        if rng is None:  # the episode's first step: its scene decides the noise
+            key = zlib.crc32(np.ascontiguousarray(info["privileged"], np.float64).tobytes())
+            rng = self._rngs[slot] = np.random.default_rng([self.noise_seed, key])
+        noisy = action.copy()
+        noisy[:-1] = np.clip(noisy[:-1] + rng.normal(0.0, self.action_noise, noisy.shape[0] - 1), -1.0, 1.0)
+        return noisy
+
+    def recorded_action(self, env_index: int = 0) -> np.ndarray | None:
+        """The expert's own action of slot ``env_index``'s last step when ``action_noise > 0`` (what a store
+        keeps); None without noise, where the executed action is the expert's."""
+        return self._clean.get(int(env_index))
 
     def needs_observations(self, env_indices: list[int]) -> list[bool]:
         """Never: the scripted expert acts on the env's privileged state (``info``), not on images."""

@@ -15,6 +15,7 @@ FAMILIES="${FAMILIES:-pick-place,pick-place-two}"
 EPISODES="${EPISODES:-100}"          # demonstrations per family (training seeds 0..EPISODES-1)
 IMAGE="${IMAGE:-96}"                 # px; objects are ~4 px wide at 64 (docs/RESULTS.md)
 LAYOUT="${LAYOUT:-slots}"            # slots: the scene's places are fixed, colours/goals vary | random
+NOISE="${NOISE:-0}"                  # std of the noise on the expert's moves as executed (collect action_noise)
 GOAL_FRAMES="${GOAL_FRAMES:-2500}"   # env resets per family labelled with the first grasp (0 = none)
 STEPS="${STEPS:-3000}"               # training steps at batch 32 (at most: see BUDGET_S)
 BUDGET_S="${BUDGET_S:-870}"          # the whole script, set-up included: training gets what is left after
@@ -41,7 +42,7 @@ rm -rf "$OUT/demos.zarr" "$OUT/train" "$OUT/eval"
 
 echo "== 1/3 collect: $EPISODES scripted demonstrations per family of [$FAMILIES] ($IMAGE px front + wrist cameras)"
 vla collect env=tabletop env.layout="$LAYOUT" "tasks=[$FAMILIES]" episodes="$EPISODES" workers=2 \
-  image_size="$IMAGE" "cameras=[front,wrist]" out="$OUT/demos.zarr" progress=false
+  image_size="$IMAGE" "cameras=[front,wrist]" action_noise="$NOISE" out="$OUT/demos.zarr" progress=false
 vla dataset info "$OUT/demos.zarr"
 rm -rf "$OUT/goal_frames.zarr"
 GOAL_ARGS=""

@@ -143,3 +143,17 @@ def test_a_killed_worker_loses_no_episode(tmp_path, monkeypatch, capsys):
     store = EpisodeStore(out)
     assert sorted(store.episode_seeds.tolist()) == [0, 1, 2]  # the lost episode was re-run from its seed
     assert verify_store(out)["ok"]
+
+
+def test_collect_with_action_noise_stores_the_experts_actions_on_perturbed_states(tmp_path, capsys):
+    common = ["env=tabletop", "env.layout=slots", "tasks=[pick-place]", "episodes=1", "workers=0", "image_size=32",
+              "cameras=[front]", "progress=false"]
+    assert collect_cmd.main([*common, f"out={tmp_path / 'clean.zarr'}"]) == 0
+    assert collect_cmd.main([*common, "action_noise=0.3", f"out={tmp_path / 'noisy.zarr'}"]) == 0
+    clean = EpisodeStore(tmp_path / "clean.zarr").get_episode(0)
+    noisy = EpisodeStore(tmp_path / "noisy.zarr").get_episode(0)
+    assert EpisodeStore(tmp_path / "noisy.zarr").episode_seeds.tolist() == [0]  # the same scene
+    assert not np.array_equal(clean["state"][5:10], noisy["state"][5:10])  # the moves were perturbed
+    assert np.abs(noisy["action"]).max() <= 1.0 and set(np.unique(noisy["action"][:, 3])) <= {-1.0, 1.0}
+    with pytest.raises(ValueError, match=r"action_noise must be >= 0 .*got -1"):
+        collect_cmd.main([*common, "action_noise=-1", f"out={tmp_path / 'bad.zarr'}"])

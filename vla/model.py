@@ -84,14 +84,15 @@ class AdaRMSNorm(nn.Module):
 class ExpertLayer(nn.Module):
     """One transformer layer's weights for one expert; the attention itself is joint (see `VLA._run`)."""
 
-    def __init__(self, width: int, n_heads: int, head_dim: int, mlp_ratio: float, adaptive: bool) -> None:
+    def __init__(self, width: int, n_heads: int, head_dim: int, mlp_ratio: float, adaptive: bool,
+                 gelu: str = "tanh") -> None:
         super().__init__()
         norm = AdaRMSNorm if adaptive else RMSNorm
         self.attn_norm, self.mlp_norm = norm(width), norm(width)
         self.qkv = nn.Linear(width, 3 * n_heads * head_dim, bias=False)
         self.out = nn.Linear(n_heads * head_dim, width, bias=False)
         hidden = int(mlp_ratio * width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(approximate="tanh"),
+        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(approximate=_approximate(gelu)),
                                  nn.Linear(hidden, width, bias=False))
 
 
@@ -99,7 +100,7 @@ class Expert(nn.Module):
     def __init__(self, cfg: VLAConfig, width: int, adaptive: bool) -> None:
         super().__init__()
         self.width, self.adaptive = width, adaptive
-        self.layers = nn.ModuleList(ExpertLayer(width, cfg.n_heads, cfg.head_dim, cfg.mlp_ratio, adaptive)
+        self.layers = nn.ModuleList(ExpertLayer(width, cfg.n_heads, cfg.head_dim, cfg.mlp_ratio, adaptive, cfg.gelu)
                                     for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(width)
 
@@ -159,7 +160,13 @@ def norm_fn(x: torch.Tensor, norm: nn.Module, mod: tuple | None = None) -> torch
 
 def mlp_fn(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """A layer's bias-free GELU MLP as a function (see `norm_fn`)."""
-    return F.linear(F.gelu(F.linear(h, layer.mlp[0].weight), approximate="tanh"), layer.mlp[2].weight)
+    return F.linear(F.gelu(F.linear(h, layer.mlp[0].weight), approximate=layer.mlp[1].approximate),
+                    layer.mlp[2].weight)
+
+
+def _approximate(gelu: str) -> str:
+    """`VLAConfig.gelu` ("tanh" | "erf") as torch's ``approximate`` argument ("tanh" | "none")."""
+    return "tanh" if gelu == "tanh" else "none"
 
 
 class ConvStem(nn.Module):
@@ -176,8 +183,9 @@ class ConvStem(nn.Module):
     """
 
     def __init__(self, strides: list[int], width: int, base: int = 32, film: bool = False,
-                 coords: bool = False, keypoints: int = 0) -> None:
+                 coords: bool = False, keypoints: int = 0, gelu: str = "tanh") -> None:
         super().__init__()
+        self.approximate = _approximate(gelu)
         self.convs = nn.ModuleList()
         self.films = nn.ModuleList() if film else None
         self.coords = coords
@@ -216,7 +224,7 @@ class ConvStem(nn.Module):
             if self.films is not None and cond is not None:
                 scale, shift = self.films[i](cond).chunk(2, dim=-1)  # (N, C) x2
                 x = x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-            x = F.gelu(x, approximate="tanh")
+            x = F.gelu(x, approximate=self.approximate)
             if self.keypoints is not None and i == self.keypoint_stage:
                 kp = self.keypoints(x)  # (N, 1, D)
         tokens = self.out(x).flatten(2).transpose(1, 2)  # (N, Np, D)
@@ -551,7 +559,7 @@ class VLA(nn.Module):
         self.vlm = nn.ModuleDict({
             "patch": (nn.Linear(3 * p * p, d) if cfg.vision == "patch"
                       else ConvStem(conv_strides(p), d, film=cfg.vision_film, coords=cfg.vision_coords,
-                                    keypoints=cfg.vision_keypoints)),
+                                    keypoints=cfg.vision_keypoints, gelu=cfg.gelu)),
             "patch_pos": nn.Embedding(cfg.tokens_per_view, d),  # 2D position of a patch in its view (+ keypoints)
             "view": nn.Embedding(cfg.num_views, d),  # camera x history step
             "embed": nn.Embedding(self.tok.vocab_size, d),  # tied with the LM head

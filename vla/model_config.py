@@ -47,6 +47,9 @@ class VLAConfig:
     action_width: int = 64
     frame_width: int = 64
     mlp_ratio: float = 2.0
+    gelu: str = "tanh"  # tanh | erf: the GELU of the MLPs and the conv stem. The presets say erf (as fast as a
+    #                     multiply on the CPU in bf16, the tanh form ~5x slower); tanh is the default so a checkpoint
+    #                     saved before the key existed loads as it was trained
     max_instruction_tokens: int = 48
     max_plan_tokens: int = 48  # the whole plan block: <plan> + text + <eos>
     experts: str = "mot"  # mot | dense
@@ -90,6 +93,8 @@ class VLAConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"VLAConfig.{name} must be a positive int, got {v!r}"
                                  + (" (fill it from the store)" if name in ("state_dim", "action_dim") else ""))
+        if self.gelu not in ("tanh", "erf"):
+            raise ValueError(f"VLAConfig.gelu must be 'tanh' or 'erf', got {self.gelu!r}")
         h, w = self.image_hw
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"VLAConfig.image_size {[h, w]} is not divisible by patch_size {self.patch_size}")

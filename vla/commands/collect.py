@@ -204,6 +204,10 @@ def _resolve(cfg) -> dict[str, Any]:
             f"seed_start must be in [COLLECT_SEED_START={COLLECT_SEED_START}, EVAL_SEED_START={EVAL_SEED_START}), "
             f"got {seed_start}"
         )
+    action_noise = float(cfg.get("action_noise") or 0.0)
+    if not action_noise >= 0.0:
+        raise ValueError(f"action_noise must be >= 0 (std of the noise on the expert's move actions, in action units), "
+                         f"got {cfg.get('action_noise')}")
     out = Path(cfg.out) if cfg.out else Path("data") / f"{family_name}.zarr"
     max_steps = cfg.max_episode_steps if cfg.max_episode_steps is not None else cfg.env.get("max_episode_steps")
     env_kwargs = {
@@ -220,6 +224,7 @@ def _resolve(cfg) -> dict[str, Any]:
         "family": family_name, "tasks": tasks, "episodes": episodes, "workers": workers, "out": out,
         "seed_start": seed_start, "env_kwargs": env_kwargs, "keep_failed": bool(cfg.keep_failed),
         "max_attempts": episodes * int(cfg.max_attempts_factor) + 5, "progress": bool(cfg.progress),
+        "action_noise": action_noise, "noise_seed": int(cfg.get("noise_seed") or 0),
     }
 
 
@@ -283,7 +288,8 @@ def collect(cfg) -> dict[str, Any]:
     pool = None
     try:
         pool = make_pool(s["family"], max(1, s["workers"]), s["env_kwargs"], workers=s["workers"] > 0)
-        result = rollout(ExpertPolicy(s["family"]), pool, plan, [StoreRecorder(writer, plan, stored)],
+        expert = ExpertPolicy(s["family"], action_noise=s["action_noise"], noise_seed=s["noise_seed"])
+        result = rollout(expert, pool, plan, [StoreRecorder(writer, plan, stored)],
                          lockstep=False)  # the expert acts per env: a fast worker never waits
         for slot, code in getattr(pool, "lost", []):
             print(f"vla collect: worker {slot} died (exit code {code}); its episode was re-run", file=sys.stderr)
