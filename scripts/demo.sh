@@ -17,7 +17,7 @@ IMAGE="${IMAGE:-96}"                 # px; objects are ~4 px wide at 64 (docs/RE
 LAYOUT="${LAYOUT:-slots}"            # slots: the scene's places are fixed, colours/goals vary | random
 NOISE="${NOISE:-0}"                  # std of the noise on the expert's moves as executed (collect action_noise)
 GOAL_FRAMES="${GOAL_FRAMES:-2500}"   # env resets per family labelled with the first grasp (0 = none)
-STEPS="${STEPS:-3000}"               # training steps at batch 32 (at most: see BUDGET_S)
+STEPS="${STEPS:-5000}"               # training steps at batch 32 (at most: BUDGET_S decides, ~3,300 on 2 cores)
 BUDGET_S="${BUDGET_S:-870}"          # the whole script, set-up included: training gets what is left after
 EVAL_RESERVE_S="${EVAL_RESERVE_S:-100}"  # the evaluation and start-ups are set aside (trainer.time_budget_s)
 EVAL_EPISODES="${EVAL_EPISODES:-25}" # per family, seeds from 1,000,000 (never collected)
