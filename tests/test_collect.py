@@ -157,3 +157,6 @@ def test_collect_with_action_noise_stores_the_experts_actions_on_perturbed_state
     assert np.abs(noisy["action"]).max() <= 1.0 and set(np.unique(noisy["action"][:, 3])) <= {-1.0, 1.0}
     with pytest.raises(ValueError, match=r"action_noise must be >= 0 .*got -1"):
         collect_cmd.main([*common, "action_noise=-1", f"out={tmp_path / 'bad.zarr'}"])
+    with pytest.raises(ValueError, match=r"action_noise must be >= 0 .*got lots"):
+        collect_cmd.main([*common, "action_noise=lots", f"out={tmp_path / 'bad.zarr'}"])
+    assert not (tmp_path / "bad.zarr").exists()  # refused before anything is written

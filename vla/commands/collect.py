@@ -204,7 +204,10 @@ def _resolve(cfg) -> dict[str, Any]:
             f"seed_start must be in [COLLECT_SEED_START={COLLECT_SEED_START}, EVAL_SEED_START={EVAL_SEED_START}), "
             f"got {seed_start}"
         )
-    action_noise = float(cfg.get("action_noise") or 0.0)
+    try:
+        action_noise = float(cfg.get("action_noise") or 0.0)
+    except (TypeError, ValueError):
+        action_noise = float("nan")  # refused just below, naming what came
     if not action_noise >= 0.0:
         raise ValueError(f"action_noise must be >= 0 (std of the noise on the expert's move actions, in action units), "
                          f"got {cfg.get('action_noise')}")
