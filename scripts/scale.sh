@@ -40,7 +40,7 @@ TEXTS="${TEXTS:-$TEXT}"                  # several (space-separated) x SEEDS: on
 SEEDS="${SEEDS:-0}"                      # the one GPU (small models leave most of it idle), one run dir each
 # TEXT_ARGS_bytes / TEXT_ARGS_minilm: overrides for that text variant only (e.g. a longer byte budget)
 GOAL_FRAMES="${GOAL_FRAMES:-0}"          # tabletop: goal frames per pick-first family (0 = none; see GOAL_RECIPE)
-GOAL_RECIPE="model.goal_loss_weight=1.0 model.goal_head=point model.goal_patch_loss_weight=0.3 model.goal_condition=true"
+GOAL_RECIPE="model.goal_loss_weight=1.0 model.goal_head=point model.goal_patch_loss_weight=0.3 model.goal_condition=true model.goal_offset=true model.goal_condition_noise=0.05"
 case "$SUITE" in
   mt10)
     ENV=metaworld

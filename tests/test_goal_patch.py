@@ -129,3 +129,56 @@ def test_trainer_projects_goals_and_moves_them_with_the_shift(tmp_path):
         from vla.training.data import store_camera_projection
 
         store_camera_projection(t.store, "wrist", (32, 32))
+
+
+def test_goal_offset_learns_where_inside_its_patch_the_goal_lies():
+    from model_helpers import model_batch, tiny_config
+
+    from vla.model import VLA
+
+    with pytest.raises(ValueError, match="goal_offset=true needs the patch target"):
+        tiny_config(goal_loss_weight=1.0, goal_head="point", goal_offset=True)
+    with pytest.raises(ValueError, match="goal_offset must be true or false"):
+        tiny_config(goal_loss_weight=1.0, goal_head="point", goal_patch_loss_weight=1.0, goal_offset="yes")
+    torch.manual_seed(0)
+    cfg = tiny_config(goal_loss_weight=1.0, goal_head="point", vision="conv", goal_patch_loss_weight=1.0,
+                      goal_offset=True, image_size=16, patch_size=8)  # a 2 x 2 grid of 8 px patches
+    model = VLA(cfg)
+    # where a pixel lies in its patch, in patch widths from the centre; unknown rows are 0
+    pix = torch.tensor([[2.0, 2.0], [12.0, 9.0], [-1.0, 3.0]])
+    patch = model.goal_patch_target(pix)
+    assert patch.tolist() == [0, 3, -100]
+    expected = torch.tensor([[-0.25, -0.25], [0.0, -0.375], [0.0, 0.0]])
+    assert torch.allclose(model.goal_offset_target(pix, patch), expected)
+
+    batch = model_batch(cfg)
+    b = batch["state"].shape[0]
+    for k, v in batch.items():  # same instruction, state and plan: only the image says where the goal is
+        if torch.is_tensor(v) and v.ndim and v.shape[0] == b:
+            batch[k] = v[:1].expand_as(v).clone()
+    corners = [(1, 1), (5, 1), (3, 5)]  # a 2 x 2 px square at three places inside the top-left patch
+    images = torch.full_like(batch["images"], -1.0)
+    for i, (c, r) in enumerate(corners[:b]):
+        images[i, 0, :, r:r + 2, c:c + 2] = 1.0
+    batch["images"] = images
+    batch["goal_pixel"] = torch.tensor([[c + 1.0, r + 1.0] for c, r in corners[:b]])  # the square's centre
+    batch["goal_state"] = torch.zeros(b, cfg.state_dim)
+    target = model.goal_offset_target(batch["goal_pixel"], model.goal_patch_target(batch["goal_pixel"]))
+    losses = model.compute_loss(batch)
+    total = (losses["plan_loss"] + losses["action_loss"] + losses["goal_loss"] + losses["goal_patch_loss"]
+             + losses["goal_offset_loss"])
+    assert torch.allclose(losses["loss"], total)
+    first = float(losses["goal_offset_loss"])
+
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        out = model.compute_loss(batch)
+        (out["goal_offset_loss"] + out["goal_patch_loss"]).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert float(model.compute_loss(batch)["goal_offset_loss"]) < 0.2 * first
+        prefix = model._run([model.embed_prefix(batch)])[0][0]
+        off = model.goal_offsets(prefix)[:, 0]  # (B, 2): the top-left patch's offsets
+    assert (off - target).abs().max() < 0.08, (off, target)  # finer than the patch: each square where it is

@@ -582,6 +582,8 @@ class VLA(nn.Module):
             gh, gw = cfg.image_hw[0] // p, cfg.image_hw[1] // p
             ys, xs = torch.meshgrid(torch.linspace(-1, 1, gh), torch.linspace(-1, 1, gw), indexing="ij")
             self.register_buffer("goal_grid", torch.stack([xs, ys], -1).reshape(-1, 2), persistent=False)
+            if cfg.goal_offset:  # where inside its patch the goal lies, in patch widths (tanh: within the patch)
+                self.action["goal_offset"] = nn.Linear(d, 2)
             if cfg.goal_condition:  # the state token (discrete: a goal token) reads the goal too
                 self.action["goal_in"] = nn.Linear(cfg.state_dim, wa)
         elif cfg.goal_loss_weight > 0:  # auxiliary: the state token predicts where the hand grasps/lets go next
@@ -1002,8 +1004,30 @@ class VLA(nn.Module):
         an MLP to the state: where the goal is must come from *which patch* the words pick out."""
         if self.cfg.goal_head == "point":
             w = self.goal_scores(outs[0]).softmax(-1)  # (B, Np)
-            return self.action["goal"]((w @ self.goal_grid).to(outs[0].dtype))  # (B, S)
+            if not self.cfg.goal_offset:
+                return self.action["goal"]((w @ self.goal_grid).to(outs[0].dtype))  # (B, S)
+            points = self.goal_grid + self.goal_offsets(outs[0]) * self.goal_spacing()  # (B, Np, 2)
+            return self.action["goal"]((w[:, None] @ points)[:, 0].to(outs[0].dtype))  # (B, S)
         return self.action["goal"](outs[state_seg][:, 0])  # (B, S)
+
+    def goal_offsets(self, prefix_out: torch.Tensor) -> torch.Tensor:
+        """``goal_offset``: where inside each first-camera patch the goal lies (B, Np, 2), (x, y) in patch widths
+        from the patch centre, within (-0.5, 0.5)."""
+        n = self.goal_grid.shape[0]
+        return 0.5 * torch.tanh(self.action["goal_offset"](prefix_out[:, :n]).float())
+
+    def goal_spacing(self) -> torch.Tensor:
+        """The goal grid's step (x, y) between neighbouring patch centres, in its [-1, 1] units (2,)."""
+        gh, gw = self.cfg.image_hw[0] // self.cfg.patch_size, self.cfg.image_hw[1] // self.cfg.patch_size
+        return self.goal_grid.new_tensor([2.0 / max(gw - 1, 1), 2.0 / max(gh - 1, 1)])
+
+    def goal_offset_target(self, pixel: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+        """Where pixel (column, row) (B, 2) lies inside its patch ``patch`` (B,) (from `goal_patch_target`), in patch
+        widths from the patch centre (B, 2); rows whose patch is -100 (unknown) come back as 0."""
+        p = self.cfg.patch_size
+        centre = torch.nan_to_num(pixel, 0.0).div(p).floor() * p + p / 2  # (B, 2)
+        off = ((torch.nan_to_num(pixel, 0.0) - centre) / p).clamp(-0.5, 0.5)  # (B, 2)
+        return off.masked_fill((patch < 0)[:, None], 0.0)
 
     def goal_scores(self, prefix_out: torch.Tensor) -> torch.Tensor:
         """The point goal head's score (logit, f32) per patch of the first camera (B, Np), row-major."""
@@ -1076,6 +1100,11 @@ class VLA(nn.Module):
             patch = self.goal_patch_target(batch["goal_pixel"])  # (B,)
             ce = F.cross_entropy(self.goal_scores(outs[0]), patch, ignore_index=-100, reduction="sum")
             losses["goal_patch_loss"] = ce / (patch >= 0).sum().clamp_min(1)
+            if cfg.goal_offset:  # the offset predicted by the goal's own patch, against where the goal lies in it
+                rows = (patch >= 0).nonzero()[:, 0]  # (K,)
+                off = self.goal_offsets(outs[0])[rows, patch[rows]]  # (K, 2)
+                err = (off - self.goal_offset_target(batch["goal_pixel"], patch)[rows].to(off)).abs().sum(-1)  # (K,)
+                losses["goal_offset_loss"] = err.sum() / rows.numel() if rows.numel() else off.sum() * 0.0
         if cfg.planner:
             logits = self.plan_logits(outs[1][:, :-1], words)  # (B, Lp-1, V)
             m = batch["plan_mask"][:, 1:]
@@ -1104,6 +1133,8 @@ class VLA(nn.Module):
             losses["loss"] = losses["loss"] + cfg.goal_loss_weight * losses["goal_loss"]
         if cfg.goal_patch_loss_weight > 0:
             losses["loss"] = losses["loss"] + cfg.goal_patch_loss_weight * losses["goal_patch_loss"]
+        if cfg.goal_offset:
+            losses["loss"] = losses["loss"] + cfg.goal_patch_loss_weight * losses["goal_offset_loss"]
         return losses
 
     # ------------------------------------------------------------------------------- inference

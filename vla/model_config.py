@@ -38,6 +38,9 @@ class VLAConfig:
     goal_condition_noise: float = 0.1  # std of the noise on the true goal in training (normalized state units)
     goal_patch_loss_weight: float = 0.0  # point head only: cross-entropy of its patch scores against the patch
     #                                      that holds the goal's projection in the first camera (0 = off)
+    goal_offset: bool = False  # point head with the patch target: each patch also says where inside itself the goal
+    #                            lies (a sub-patch offset, trained at the goal's patch), so the point is finer than
+    #                            the patch grid (a 16 px patch of the 96 px front view spans ~13-17 cm of table)
     n_obs_steps: int = 1
     horizon: int = 16
     d_model: int = 128
@@ -140,6 +143,11 @@ class VLAConfig:
         if gp and not (g and self.goal_head == "point"):
             raise ValueError(f"VLAConfig.goal_patch_loss_weight={gp} needs the point goal head (goal_loss_weight > 0 "
                              f"and goal_head='point'), got goal_loss_weight={g}, goal_head={self.goal_head!r}")
+        if not isinstance(self.goal_offset, bool):
+            raise ValueError(f"VLAConfig.goal_offset must be true or false, got {self.goal_offset!r}")
+        if self.goal_offset and not gp:
+            raise ValueError("VLAConfig.goal_offset=true needs the patch target (goal_patch_loss_weight > 0: the "
+                             f"offset is trained at the goal's patch), got goal_patch_loss_weight={gp}")
         if self.head_dim % 2:
             raise ValueError(f"VLAConfig.head_dim must be even (rotary embeddings), got {self.head_dim}")
         for width in ("d_model", "action_width", "frame_width"):
