@@ -371,5 +371,8 @@ def test_bench_serve_reports_both_modes(capsys):
     assert serial["mean_batch_size"] == 1.0 and batched["mean_batch_size"] == 3.0  # all 3 clients in each call
     assert serial["latency_ms_p99"] >= serial["latency_ms_p50"] > 0
     assert report["speedup"] == round(batched["requests_per_s"] / serial["requests_per_s"], 2)
+    calls = report["model_calls"]  # the model alone at batch 1 and at max_batch, and what batching can gain at most
+    assert calls["batch_1_ms"] > 0 and calls["batch_3_ms"] > 0
+    assert calls["batching_ceiling"] == round(3 * calls["batch_1_ms"] / calls["batch_3_ms"], 2)
     with pytest.raises(ValueError, match="modes must be a list of serial, batched"):
         bench_serve.main(["modes=[fast]"])

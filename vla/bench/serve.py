@@ -10,7 +10,10 @@ Each mode starts a :class:`vla.serving.PolicyServer` on 127.0.0.1 with the same 
 ``warmup`` untimed then ``requests`` timed requests back to back (64 px images by default, one
 camera, state 4). Reported per mode: requests/s over the timed phase, latency p50/p99 (ms, client
 side: send to reply), and the mean model batch size the server reported; ``speedup`` is batched
-requests/s over serial requests/s.
+requests/s over serial requests/s. ``model_calls=true`` (default) first times the policy's batched
+``predict_chunks`` itself, without a server, at batch 1 and at ``max_batch`` (median of 5 after 2 warm-up
+calls, fresh plans, the same random observations): ``batching_ceiling`` is how many times faster per request
+the full batch is, the most any batching server can gain over a serial one on this machine.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_wait_ms": 10,
     "modes": ["serial", "batched"],
     "threads": 0,
+    "model_calls": True,
 }
 
 
@@ -66,17 +70,40 @@ def build_policy(args: dict[str, Any]) -> Any:
     return VLAPolicy(model, proc, num_flow_steps=int(args["num_flow_steps"]), device=args["device"])
 
 
+def random_requests(meta: dict, n: int) -> list[dict]:
+    """``n`` requests with random images and states for the served cameras (the clients' and model_calls' inputs)."""
+    cams = {c: tuple(hw) for c, hw in meta["cameras"].items()}
+    rng = np.random.default_rng(0)
+    return [{"observation": {"images": {c: rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for c, hw in cams.items()},
+                             "state": rng.uniform(-1, 1, int(meta["state_dim"])).astype(np.float32)},
+             "instruction": "open the top drawer"} for _ in range(n)]
+
+
+def time_model_calls(policy: Any, meta: dict, batch: int, repeats: int = 5, warmup: int = 2) -> dict[str, Any]:
+    """Median ms of one ``predict_chunks`` call at batch 1 and at ``batch`` (plans decoded); their per-request ratio."""
+    reqs = random_requests(meta, batch)
+    out: dict[str, Any] = {}
+    for n in sorted({1, batch}):
+        obs, instr = [r["observation"] for r in reqs[:n]], [r["instruction"] for r in reqs[:n]]
+        times = []
+        for k in range(warmup + repeats):
+            t = time.perf_counter()
+            policy.predict_chunks(obs, instr, env_indices=list(range(n)), decode_plan=True)
+            if k >= warmup:
+                times.append((time.perf_counter() - t) * 1e3)
+        out[f"batch_{n}_ms"] = round(float(np.median(times)), 2)
+    out["batching_ceiling"] = round(batch * out["batch_1_ms"] / out[f"batch_{batch}_ms"], 2)
+    for i in range(batch):
+        policy.reset(i)
+    return out
+
+
 def run_clients(port: int, meta: dict, args: dict[str, Any]) -> dict[str, Any]:
     """``clients`` threads sending requests back to back; latencies and throughput of the timed phase."""
     from vla.serving import PolicyClient
 
-    cams = {c: tuple(hw) for c, hw in meta["cameras"].items()}
-    rng = np.random.default_rng(0)
     n, reqs, warm = int(args["clients"]), int(args["requests"]), int(args["warmup"])
-    requests = [{"observation": {"images": {c: rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
-                                            for c, hw in cams.items()},
-                                 "state": rng.uniform(-1, 1, int(meta["state_dim"])).astype(np.float32)},
-                 "instruction": "open the top drawer"} for _ in range(n)]
+    requests = random_requests(meta, n)
     clients = [PolicyClient("127.0.0.1", port, timeout=600) for _ in range(n)]
     latencies: list[list[float]] = [[] for _ in range(n)]
     batch_sizes: list[list[int]] = [[] for _ in range(n)]
@@ -147,6 +174,8 @@ def main(argv: list[str]) -> int:
         "bench": "serve", "vla_version": vla.__version__, "args": args, "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "modes": {},
     }
+    if args["model_calls"]:
+        report["model_calls"] = time_model_calls(policy, dict(policy.metadata()), int(args["max_batch"]))
     for mode in args["modes"]:
         server = PolicyServer(policy, port=0, batching=mode == "batched", max_batch=int(args["max_batch"]),
                               batch_wait_ms=float(args["batch_wait_ms"]))
