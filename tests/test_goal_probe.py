@@ -1,7 +1,9 @@
-"""scripts/goal_probe.py's place clustering: goals on a few fixed places (layout=slots, jitter <= 1.5 cm) become
-one place each; goals spread over the table stay apart."""
+"""The probe scripts' pure parts: scripts/goal_probe.py's place clustering (goals on a few fixed places, layout=slots,
+jitter <= 1.5 cm, become one place each; goals spread over the table stay apart) and scripts/grasp_probe.py's
+summary."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +11,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_module():
-    spec = importlib.util.spec_from_file_location("goal_probe", ROOT / "scripts" / "goal_probe.py")
+def load_module(name: str = "goal_probe"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -49,3 +51,18 @@ def test_confusion_names_the_object_nearest_the_prediction(tmp_path):
     assert mod.is_goal_frames(str(out)) and not mod.is_goal_frames(str(tmp_path))
     true_xy = GoalFrames(out).goal_state[:, :2]
     assert mod.confusion(str(out), true_xy) == {"named": 1.0, "same shape": 0.0, "same colour": 0.0, "neither": 0.0}
+
+
+def test_summary_splits_successes_from_failures_and_skips_missing_values():
+    probe = load_module("grasp_probe")
+    rows = [
+        {"success": True, "goal_err_cm": 1.0, "close_offset_cm": [0.3, 0.4, 0.0]},
+        {"success": True, "goal_err_cm": 3.0, "close_offset_cm": [0.6, 0.8, 1.0]},
+        {"success": False, "goal_err_cm": 4.0, "close_offset_cm": [3.0, 4.0, 0.0]},
+        {"success": False, "goal_err_cm": None, "close_offset_cm": None},  # never closed, no goal head
+    ]
+    out = probe.summarize(rows)
+    assert out["success"] == {"episodes": 2, "goal_err_cm": 2.0, "close_xy_offset_cm": 0.75}  # hypot 0.5 and 1.0
+    assert out["failure"] == {"episodes": 2, "goal_err_cm": 4.0, "close_xy_offset_cm": 5.0}
+    only_failures = probe.summarize([{"success": False, "goal_err_cm": None, "close_offset_cm": None}])
+    assert set(only_failures) == {"failure"} and math.isnan(only_failures["failure"]["goal_err_cm"])

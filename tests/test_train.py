@@ -243,6 +243,14 @@ def test_time_budget_shortens_the_schedule_once_and_refuses_resume(store, tmp_pa
         seen.append(b.after_step(step, One(), total_steps=1000))
     # probe: steps 3..6 took 4 s -> 1 step/s; 100 s budget, 24 s used at step 6 -> 6 + 76 = 82 steps
     assert seen == [None, None, None, None, None, 82, None, None] and b.rate == pytest.approx(1.0)
+    # after the probe the budget is a deadline, checked every check_every (25) steps: at step 50 (t = 74 s) there
+    # is time left; had the steps slowed to 3 s from step 9 on, the run would be at 128 s > 100 s by step 25: stop
+    clock["t"] = 74.0
+    assert b.after_step(50, One(), total_steps=82) is None and not b.spent
+    clock["t"] = 128.0
+    assert b.after_step(24, One(), total_steps=82) is None  # only on check steps
+    assert b.after_step(25, One(), total_steps=82) == 25 and b.spent
+    assert b.after_step(50, One(), total_steps=25) is None  # once
     b2 = budget_mod.TimeBudget(1000.0, start_step=0, warm=0, probe=1)
     assert b2.after_step(0, One(), 50) is None and b2.after_step(1, One(), 50) is None  # budget allows more: keep 50
     with pytest.raises(ValueError, match="must be > 0 seconds"):

@@ -8,7 +8,10 @@ untimed ones (compilation, allocator warm-up), then sets the total step count so
 learning rate already used does not depend on the total). The probe sits in the middle of the warm-up
 (from a quarter of it, for half of it; at least steps 10-30): the first steps of a GPU run are slower than
 the rest (allocator, kernel autotuning), and a probe at steps 10-30 of a 300-step warm-up ended an H200
-run at 113 s of its 156 s budget (3.9 steps/s probed, ~5.8 after).
+run at 113 s of its 156 s budget (3.9 steps/s probed, ~5.8 after). A probe can also be optimistic (a CPU run
+probed 4.94 steps/s and ran at 4.53, ending 38 s past its budget), so after the probe the budget is also a
+deadline: every ``check_every`` steps the run's wall time is compared with the whole budget, and once it is
+spent training stops at that step (the checkpoint is saved as at any end; the cosine schedule is then in its tail).
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from vla.training import distributed as dist_utils
 
 
 class TimeBudget:
-    def __init__(self, budget_s: float, start_step: int, warm: int = 10, probe: int = 20, margin: float = 0.97) -> None:
+    def __init__(self, budget_s: float, start_step: int, warm: int = 10, probe: int = 20, margin: float = 0.97,
+                 check_every: int = 25) -> None:
         if budget_s <= 0:
             raise ValueError(f"trainer.time_budget_s must be > 0 seconds, got {budget_s}")
-        self.budget_s, self.margin = float(budget_s), margin
+        self.budget_s, self.margin, self.check_every = float(budget_s), margin, max(1, int(check_every))
+        self.spent = False  # the deadline ended the run (not the probe's step count)
         self.t_run = time.perf_counter()
         self.probe_from, self.probe_to = start_step + warm, start_step + warm + probe
         self.t_probe: float | None = None
@@ -42,9 +47,16 @@ class TimeBudget:
         return cls(float(budget), 0, warm=max(10, warmup // 4), probe=max(20, warmup // 2))
 
     def after_step(self, step: int, info: dist_utils.DistInfo, total_steps: int) -> int | None:
-        """Call after every optimizer step (``step`` = steps done). Returns the new total once, when the
-        probe ends and the budget needs fewer than ``total_steps``; else None."""
+        """Call after every optimizer step (``step`` = steps done). Returns a new, smaller total: once when the
+        probe ends and the budget needs fewer than ``total_steps``, and ``step`` itself (stop now, ``spent``) if
+        the whole budget is gone before the planned end; else None."""
         if self.done:
+            if self.spent or step % self.check_every or step >= total_steps:
+                return None
+            over = float(time.perf_counter() - self.t_run > self.budget_s)
+            if dist_utils.all_reduce_mean(info, {"over": over})["over"] > 0:  # any rank over: all stop here
+                self.spent = True
+                return step
             return None
         if step == self.probe_from:
             dist_utils.barrier(info)

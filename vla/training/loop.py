@@ -437,7 +437,9 @@ class Trainer:
                 metrics = self.train_step(raw)
                 if budget is not None and (fit := budget.after_step(self.step, info, self.total_steps)):
                     self.total_steps = self.stop_at = fit  # the schedule now spans what fits the budget
-                    log.line(f"time budget {budget.budget_s:.0f} s: {budget.rate:.2f} steps/s -> steps={fit}")
+                    log.line(f"time budget {budget.budget_s:.0f} s: spent at step {fit}, stopping here (the probe's "
+                             f"{budget.rate:.2f} steps/s was optimistic)" if budget.spent else
+                             f"time budget {budget.budget_s:.0f} s: {budget.rate:.2f} steps/s -> steps={fit}")
                     if bar is not None:
                         bar.total = fit
                 n_seen += self.batch_size * info.world_size
