@@ -1024,8 +1024,9 @@ class VLA(nn.Module):
     def goal_offset_target(self, pixel: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
         """Where pixel (column, row) (B, 2) lies inside its patch ``patch`` (B,) (from `goal_patch_target`), in patch
         widths from the patch centre (B, 2); rows whose patch is -100 (unknown) come back as 0."""
-        p = self.cfg.patch_size
-        centre = torch.nan_to_num(pixel, 0.0).div(p).floor() * p + p / 2  # (B, 2)
+        p, gw = self.cfg.patch_size, self.cfg.image_hw[1] // self.cfg.patch_size
+        cell = patch.clamp_min(0)  # the patch `goal_patch_target` chose, so offset and patch always agree
+        centre = torch.stack([cell % gw, cell // gw], -1).to(pixel.dtype) * p + p / 2  # (B, 2) column, row
         off = ((torch.nan_to_num(pixel, 0.0) - centre) / p).clamp(-0.5, 0.5)  # (B, 2)
         return off.masked_fill((patch < 0)[:, None], 0.0)
 
