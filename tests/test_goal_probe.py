@@ -66,3 +66,24 @@ def test_summary_splits_successes_from_failures_and_skips_missing_values():
     assert out["failure"] == {"episodes": 2, "goal_err_cm": 4.0, "close_xy_offset_cm": 5.0}
     only_failures = probe.summarize([{"success": False, "goal_err_cm": None, "close_offset_cm": None}])
     assert set(only_failures) == {"failure"} and math.isnan(only_failures["failure"]["goal_err_cm"])
+
+
+def test_summary_per_pick_counts_only_episodes_that_reached_the_pick():
+    probe = load_module("grasp_probe")
+    def pick(done, goal_err, offset):
+        return {"success": done, "goal_err_cm": goal_err, "close_offset_cm": offset}
+
+    first_ok = pick(True, 1.0, [1.0, 0.0, 0.0])
+    rows = [
+        {"success": True, "picks": [first_ok, pick(True, 2.0, [0.0, 2.0, 0.0])]},
+        {"success": False, "picks": [first_ok, pick(False, 6.0, [6.0, 8.0, 0.0])]},
+        {"success": False, "picks": [pick(False, 9.0, None)]},  # never closed, never got further
+    ]
+    second = probe.summarize(rows, pick=1)
+    assert second == {"success": {"episodes": 1, "goal_err_cm": 2.0, "close_xy_offset_cm": 2.0},
+                      "failure": {"episodes": 1, "goal_err_cm": 6.0, "close_xy_offset_cm": 10.0}}
+    first = probe.summarize(rows, pick=0)  # split by the pick, not by the episode: the second row's first pick was done
+    assert first["success"] == {"episodes": 2, "goal_err_cm": 1.0, "close_xy_offset_cm": 1.0}
+    assert first["failure"]["episodes"] == 1 and first["failure"]["goal_err_cm"] == 9.0
+    assert math.isnan(first["failure"]["close_xy_offset_cm"])  # it never closed
+    assert probe.summarize(rows, pick=2) == {}
