@@ -28,7 +28,8 @@ OUT="${OUT:-outputs/demo}"
 # head that points at the patch of the named object and inside it (trained on the demonstrations and the
 # goal frames) and whose point the action expert reads (trained on the true goal blurred by ~1 cm), and a
 # decoded plan (drawn on the videos) that the actions do not read (planner=side: 68/200 against 54/200 when
-# they read it, docs/RESULTS.md "Tenth round"; the sub-patch offset: "Fourteenth round").
+# they read it on the previous recipe, "Tenth round"; on this one side, off and on tie, "Fifteenth round"; the
+# sub-patch offset: "Fourteenth round", all in docs/RESULTS.md).
 RECIPE="${RECIPE:-text=minilm planner=side model.vision=conv model.vision_film=true model.patch_size=16 \
 dataset.balance=task model.goal_loss_weight=1.0 model.goal_head=point model.goal_patch_loss_weight=0.3 \
 model.goal_condition=true model.goal_offset=true model.goal_condition_noise=0.05}"
