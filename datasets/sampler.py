@@ -171,7 +171,7 @@ class WindowDataset(_TorchDataset):
         self._state = store.lowdim("state")  # (N, S)
         subtask = store.lowdim("subtask")  # (N,)
         self._subtask_ids = subtask
-        self._plan_id, self._plan_table = self._build_plans(subtask, eps, starts_all, ends_all)
+        self._plan_id, self._plan_table, self._stage = self._build_plans(subtask, eps, starts_all, ends_all)
         self._instr = np.array(store.episode_instructions, dtype=object)  # (E,)
         self._task = np.array(store.episode_tasks, dtype=object)  # (E,)
         self._subtask_table = np.array(store.subtask_table, dtype=object)
@@ -191,11 +191,13 @@ class WindowDataset(_TorchDataset):
             pos += e - s
         return goal
 
-    def _build_plans(self, subtask, eps, starts, ends) -> tuple[np.ndarray, np.ndarray]:
-        """Per-row plan id into a table of plan strings (one per (episode, label segment))."""
+    def _build_plans(self, subtask, eps, starts, ends) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-row plan id into a table of plan strings (one per (episode, label segment)), the table, and
+        per-row stage: the index of the row's label segment in its episode (0 = the first subtask)."""
         table_index: dict[str, int] = {}
         table: list[str] = []
         plan_id = np.zeros(len(self._row), np.int64)  # (M,)
+        stage = np.zeros(len(self._row), np.int64)  # (M,)
         pos = 0
         names = self.store.subtask_table
         for e in eps:
@@ -214,8 +216,9 @@ class WindowDataset(_TorchDataset):
                 ids.append(j)
             seg_of_row = np.cumsum(np.isin(np.arange(len(lab)), change))  # (T,) segment index per step
             plan_id[pos:pos + len(lab)] = np.asarray(ids, np.int64)[seg_of_row]
+            stage[pos:pos + len(lab)] = seg_of_row
             pos += len(lab)
-        return plan_id, np.array(table, dtype=object)
+        return plan_id, np.array(table, dtype=object), stage
 
     def __len__(self) -> int:
         return int(len(self._row))
@@ -224,6 +227,12 @@ class WindowDataset(_TorchDataset):
     def sample_tasks(self) -> list[str]:
         """The task of every sample, in sample order (for task-balanced sampling)."""
         return self._task[self._ep].tolist()
+
+    @property
+    def sample_stages(self) -> np.ndarray:
+        """int64[M]: the stage of every sample, in sample order: which of its episode's subtasks (label
+        segments, 0 = the first) the step belongs to (for subtask-balanced sampling)."""
+        return self._stage.copy()
 
     def index_of(self, episode: int, step: int) -> int:
         """Sample index of (episode, step) -- the inverse of the "episode"/"step" fields."""

@@ -37,6 +37,36 @@ def test_task_balanced_draws_give_every_task_the_same_share():
     assert abs(plain["a"] / n - 0.1) < 0.02 and abs(plain["c"] / n - 0.6) < 0.02
 
 
+def test_subtask_balanced_draws_give_every_stage_of_every_task_the_same_share(tmp_path):
+    from vla.datasets import EpisodeStore, EpisodeWriter, WindowDataset
+
+    from vla.training.data_order import sample_weights
+
+    w = EpisodeWriter(tmp_path / "s.zarr", env="synthetic", fps=10, cameras={"c": (8, 8)}, action_dim=2, state_dim=1)
+    # short: stages of 6 and 2 rows; long: 4 stages (a label may come back: a, b, a is three stages)
+    episodes = {"short": ["a"] * 6 + ["b"] * 2, "long": ["a"] * 2 + ["b"] * 3 + ["a"] * 4 + ["c"]}
+    for e, (task, subtasks) in enumerate(list(episodes.items()) * 2):
+        n = len(subtasks)
+        w.add_episode(action=np.zeros((n, 2), np.float32), state=np.zeros((n, 1), np.float32),
+                      images={"c": np.zeros((n, 8, 8, 3), np.uint8)}, subtasks=subtasks, instruction=task,
+                      task=task, seed=e)
+    w.close()
+    ds = WindowDataset(EpisodeStore(tmp_path / "s.zarr"))
+    assert ds.sample_stages.tolist() == ([0] * 6 + [1] * 2 + [0] * 2 + [1] * 3 + [2] * 4 + [3]) * 2
+    weights = sample_weights({"balance": "subtask"}, ds)
+    groups = list(zip(ds.sample_tasks, ds.sample_stages.tolist(), strict=True))
+    draws = Counter(groups[i] for i in torch.multinomial(weights, 60000, replacement=True).tolist())
+    assert len(draws) == 6  # (short, 0..1) and (long, 0..3): each a sixth of the draws
+    for g, n in draws.items():
+        assert abs(n / 60000 - 1 / 6) < 0.01, (g, n)
+    task_only = sample_weights({"balance": "task"}, ds)  # by task alone the 1-row last stage is rare
+    share = task_only[groups.index(("long", 3))] / task_only.sum()
+    assert abs(float(share) - 0.5 / 20) < 1e-12
+    assert sample_weights({"balance": "none"}, ds) is None
+    with pytest.raises(ValueError, match=r"balance: expected one of \['none', 'task', 'subtask'\], got 'stage'"):
+        sample_weights({"balance": "stage"}, ds)
+
+
 def test_balanced_sampler_is_resumable_and_checks_weights():
     from vla.training.data_order import DataPosition
 
@@ -66,7 +96,7 @@ def test_training_logs_per_task_losses_with_balance(tmp_path):
     from vla.training.loop import train
 
     store = make_store(tmp_path / "s.zarr", episodes=4, length=10)
-    run = train(train_cfg(store, tmp_path / "run", "dataset.balance=task", "trainer.steps=3", "trainer.log_every=1"))
+    run = train(train_cfg(store, tmp_path / "run", "dataset.balance=subtask", "trainer.steps=3", "trainer.log_every=1"))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
     assert any("action_loss/reach" in r and "action_loss/push" in r for r in train_rows)
@@ -75,7 +105,7 @@ def test_training_logs_per_task_losses_with_balance(tmp_path):
     assert info["eval_s"] == 0.0  # no closed-loop evaluation inside this run (wall_s is training only)
     from vla.config import compose
 
-    with pytest.raises(ValueError, match="dataset.balance: expected 'none' or 'task', got 'families'"):
+    with pytest.raises(ValueError, match=r"dataset.balance: expected one of \[.*\], got 'families'"):
         train(compose("train", [f"dataset.path={store}", f"run_dir={tmp_path / 'bad'}", "trainer=debug",
                                 "dataset.balance=families"]))
 

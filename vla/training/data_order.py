@@ -86,20 +86,33 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         return sys.maxsize
 
 
+BALANCE_MODES = ("none", "task", "subtask")
+
+
 def sample_weights(dcfg, dataset) -> torch.Tensor | None:
-    """``dataset.balance``: "task" gives every task the same share of each epoch; "none" samples uniformly."""
+    """``dataset.balance``: "none" samples every window alike; "task" gives every task the same share of
+    draws; "subtask" gives every (task, stage) pair the same share, where a stage is the index of the
+    subtask within its episode (pick-place: 2 stages, pick-place-two: 4, so the second pick and place of
+    the longer family get as many draws as the first)."""
     mode = str(dcfg.get("balance") or "none")
-    if mode not in ("none", "task"):
-        raise ValueError(f"dataset.balance: expected 'none' or 'task', got {mode!r}")
-    return task_balance_weights(dataset.sample_tasks) if mode == "task" else None
+    if mode not in BALANCE_MODES:
+        raise ValueError(f"dataset.balance: expected one of {list(BALANCE_MODES)}, got {mode!r}")
+    if mode == "task":
+        return task_balance_weights(dataset.sample_tasks)
+    if mode == "subtask":
+        return task_balance_weights(dataset.sample_tasks, dataset.sample_stages)
+    return None
 
 
-def task_balance_weights(sample_tasks: list[str]) -> torch.Tensor:
-    """Per-sample weights that give every task the same share of draws: 1 / (samples of its task)."""
-    counts: dict[str, int] = {}
-    for t in sample_tasks:
-        counts[t] = counts.get(t, 0) + 1
-    return torch.tensor([1.0 / counts[t] for t in sample_tasks], dtype=torch.float64)  # (N,)
+def task_balance_weights(sample_tasks: list[str], sample_stages=None) -> torch.Tensor:
+    """Per-sample weights that give every task (or, with ``sample_stages``, every (task, stage) pair) the
+    same share of draws: 1 / (samples of its group)."""
+    keys = list(sample_tasks) if sample_stages is None else list(zip(sample_tasks, map(int, sample_stages),
+                                                                     strict=True))
+    counts: dict = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    return torch.tensor([1.0 / counts[k] for k in keys], dtype=torch.float64)  # (N,)
 
 
 def worker_init(seed: int, epoch: int, rank: int):

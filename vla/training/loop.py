@@ -248,8 +248,8 @@ class Trainer:
         weights = sample_weights(self.cfg.dataset, self.dataset)
         if order == "chunked":
             if weights is not None:
-                raise ValueError("dataset.balance=task needs the in-memory loader (dataset.in_memory=true); "
-                                 "the disk loader reads chunk by chunk")
+                raise ValueError(f"dataset.balance={self.cfg.dataset.balance} needs the in-memory loader "
+                                 "(dataset.in_memory=true); the disk loader reads chunk by chunk")
             return chunk_loader.disk_sampler(self.dataset, chunk_loader.ChunkCache(self.store, 0), *args)
         return ResumableBatchSampler(len(self.dataset), *args, weights=weights)
 
