@@ -24,14 +24,15 @@ EVAL_EPISODES="${EVAL_EPISODES:-25}" # per family, seeds from 1,000,000 (never c
 SPLIT="${SPLIT:-paraphrase}"         # paraphrase: held-out wording | eval: + held-out objects | train
 OUT="${OUT:-outputs/demo}"
 # The tabletop recipe (docs/RESULTS.md): pretrained MiniLM text with word-level plans, a conv stem
-# over 16 px patches whose features the instruction modulates (FiLM), task-balanced draws, and a goal
+# over 16 px patches whose features the instruction modulates (FiLM), subtask-balanced draws (every subtask of
+# every family the same share: the second pick and place of pick-place-two as often as the first), and a goal
 # head that points at the patch of the named object and inside it (trained on the demonstrations and the
 # goal frames) and whose point the action expert reads (trained on the true goal blurred by ~1 cm), and a
 # decoded plan (drawn on the videos) that the actions do not read (planner=side: 68/200 against 54/200 when
 # they read it on the previous recipe, "Tenth round"; on this one side, off and on tie, "Fifteenth round"; the
-# sub-patch offset: "Fourteenth round", all in docs/RESULTS.md).
+# sub-patch offset: "Fourteenth round"; subtask-balanced draws: "Sixteenth round", all in docs/RESULTS.md).
 RECIPE="${RECIPE:-text=minilm planner=side model.vision=conv model.vision_film=true model.patch_size=16 \
-dataset.balance=task model.goal_loss_weight=1.0 model.goal_head=point model.goal_patch_loss_weight=0.3 \
+dataset.balance=subtask model.goal_loss_weight=1.0 model.goal_head=point model.goal_patch_loss_weight=0.3 \
 model.goal_condition=true model.goal_offset=true model.goal_condition_noise=0.05}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"         # extra `vla train` overrides (recipe experiments)
 
