@@ -33,8 +33,8 @@ OUT="${OUT:-outputs/demo}"
 # sub-patch offset: "Fourteenth round"; subtask-balanced draws: "Sixteenth round"; the peak learning rate 1e-3
 # instead of trainer=cpu's 5e-4 for this short schedule: "Seventeenth round", all in docs/RESULTS.md).
 RECIPE="${RECIPE:-text=minilm planner=side model.vision=conv model.vision_film=true model.patch_size=16 \
-trainer.lr=1e-3 trainer.min_lr=1e-4 dataset.balance=subtask model.goal_loss_weight=1.0 model.goal_head=point model.goal_patch_loss_weight=0.3 \
-model.goal_condition=true model.goal_offset=true model.goal_condition_noise=0.05}"
+trainer.lr=1e-3 trainer.min_lr=1e-4 dataset.balance=subtask model.goal_loss_weight=1.0 model.goal_head=point \
+model.goal_patch_loss_weight=0.3 model.goal_condition=true model.goal_offset=true model.goal_condition_noise=0.05}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"         # extra `vla train` overrides (recipe experiments)
 
 start=$(date +%s)
