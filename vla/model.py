@@ -40,7 +40,7 @@ greedy plan decoding, Euler integration of only the action block per flow step).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -850,13 +850,16 @@ class VLA(nn.Module):
         return Segment("frame", x, FRAME, False, ones, self.frame["time"](t))
 
     # ------------------------------------------------------------------------------- transformer
-    def _layout(self, segs: list[Segment], cache: KVCache | None = None, drop_full_mask: bool = False) -> _Layout:
+    def _layout(self, segs: list[Segment], cache: KVCache | None = None, drop_full_mask: bool = False,
+                sees: torch.Tensor | None = None) -> _Layout:
         """Mask, rotary tables and key metadata of ``segs`` run after ``cache`` (see `_Layout`).
 
         ``drop_full_mask``: when every query may see every key (one sample without padding), the
         mask becomes None and attention runs unmasked (inference; costs one host sync to decide).
+        ``sees``: the block visibility (default the model's; training with extra action copies widens it).
         """
         cfg = self.cfg
+        sees = self.sees if sees is None else sees
         dev = segs[0].x.device
         sizes = [s.x.shape[1] for s in segs]
         block = torch.cat([torch.full((n,), s.block, device=dev) for s, n in zip(segs, sizes)])  # (N,)
@@ -868,12 +871,12 @@ class VLA(nn.Module):
             valid_all, k_is_vlm = torch.cat([cache.valid, valid], 1), torch.cat([cache.is_vlm, is_vlm])
         else:
             valid_all, k_is_vlm = valid, is_vlm
-        allowed = make_attn_mask(block, causal, valid_all, self.sees, num_queries=valid.shape[1])[:, None]  # (B,1,N,Nk)
+        allowed = make_attn_mask(block, causal, valid_all, sees, num_queries=valid.shape[1])[:, None]  # (B,1,N,Nk)
         if drop_full_mask and bool(allowed.all()):
             mask = None
         else:  # what scaled_dot_product_attention would make of the bool mask at every call, made once
             mask = torch.zeros(allowed.shape, device=dev).masked_fill_(~allowed, float("-inf"))
-        pos = token_positions(block, valid_all, self.sees, num_queries=valid.shape[1])  # (B, N)
+        pos = token_positions(block, valid_all, sees, num_queries=valid.shape[1])  # (B, N)
         cos, sin = rope_tables(pos, cfg.head_dim, cfg.rope_theta)  # (B, 1, N, hd) x2
         return _Layout(sizes, mask, cos, sin, is_vlm, block, causal, valid_all, k_is_vlm)
 
@@ -1045,6 +1048,38 @@ class VLA(nn.Module):
         idx = cell[:, 1].clamp_max(h // p - 1) * (w // p) + cell[:, 0].clamp_max(w // p - 1)
         return idx.masked_fill(~ok, -100)
 
+    def _run_training(self, segs: list[Segment]) -> tuple[list[torch.Tensor], int]:
+        """`_run` of a training sequence; returns the outputs per segment and how many rows (the first) ran the plan.
+
+        Blocks past FRAME are extra noisy copies of the action chunk (``flow_samples``): the visibility gets one
+        row and column per copy, each seeing what the ACTION block sees except the other copies.
+        ``plan_rows`` n (with the plan a side output, which no later block reads): the first n rows run with
+        the plan block and the rest without it; every other output is what one joint run would give.
+        """
+        cfg, b = self.cfg, segs[0].x.shape[0]
+        sees = self.sees
+        n_blocks = 1 + max(s.block for s in segs)
+        if n_blocks > sees.shape[0]:
+            sees = torch.zeros(n_blocks, n_blocks, dtype=torch.bool, device=self.sees.device)
+            sees[:FRAME + 1, :FRAME + 1] = self.sees
+            for blk in range(FRAME + 1, n_blocks):
+                sees[blk, :FRAME + 1] = self.sees[ACTION, :FRAME + 1]
+                sees[blk, ACTION] = False
+                sees[blk, blk] = True
+        n = cfg.plan_rows
+        if not (cfg.planner and 0 < n < b):
+            return self._run(segs, layout=self._layout(segs, sees=sees))[0], b
+
+        def rows(s: Segment, part: slice) -> Segment:
+            return replace(s, x=s.x[part], valid=s.valid[part], cond=None if s.cond is None else s.cond[part])
+
+        head = [rows(s, slice(0, n)) for s in segs]
+        tail = [rows(s, slice(n, b)) for i, s in enumerate(segs) if i != 1]  # segs[1] is the plan
+        out_head = self._run(head, layout=self._layout(head, sees=sees))[0]
+        out_tail = self._run(tail, layout=self._layout(tail, sees=sees))[0]
+        out_tail.insert(1, None)
+        return [o if i == 1 else torch.cat([o, out_tail[i]]) for i, o in enumerate(out_head)], n
+
     def compute_loss(self, batch: Mapping[str, torch.Tensor], per_sample: bool = False) -> dict[str, torch.Tensor]:
         """Losses of one batch from `Processor.training_batch`: loss, plan_loss, action_loss, frame_loss
         (scalars; with ``goal_loss_weight`` also goal_loss, the goal head's error); ``per_sample`` adds
@@ -1066,16 +1101,25 @@ class VLA(nn.Module):
                 return None
             return batch["goal_state"] + cfg.goal_condition_noise * torch.randn_like(batch["goal_state"])
 
+        targets = []  # flow: the velocity target of each noisy copy of the chunk
         if cfg.action_head == "flow":
             noise = batch["noise"] if "noise" in batch else torch.randn_like(actions)
             x_t, u = interpolate(actions, noise, t)  # (B, H, A) x2
             segs += [self.embed_state(batch["state"], blurred_goal()), self.embed_actions(x_t, t)]
+            targets.append(u)
+            for k in range(1, cfg.flow_samples):  # more noisy copies of the same chunk: each its own block,
+                t_k = sample_time(b, dev)  # which sees what the first sees (prefix, state) but no other copy
+                x_k, u_k = interpolate(actions, torch.randn_like(actions), t_k)
+                segs.append(replace(self.embed_actions(x_k, t_k), block=FRAME + k))
+                targets.append(u_k)
+            action_segs = list(range(len(segs) - cfg.flow_samples, len(segs)))
         else:
             if cfg.goal_condition:
                 segs.append(self.embed_goal(blurred_goal()))
             target = self.tok.actions_to_tokens(actions).reshape(b, -1)  # (B, H*A)
             sep = torch.full((b, 1), self.tok.sep_id, dtype=torch.long, device=dev)
             segs.append(self.embed_discrete_actions(torch.cat([sep, target[:, :-1]], 1)))  # (B, H*A)
+            action_segs = [len(segs) - 1]
         if cfg.frame != "off":
             fx = patchify(batch["future_frame"], cfg.patch_size)  # (B, P, 3pp)
             t_f = t if cfg.frame == "condition" else batch.get("frame_time", None)
@@ -1083,7 +1127,7 @@ class VLA(nn.Module):
             f_noise = patchify(batch["frame_noise"], cfg.patch_size) if "frame_noise" in batch else torch.randn_like(fx)
             fx_t, fu = interpolate(fx, f_noise, t_f)
             segs.append(self.embed_frame(fx_t, t_f))
-        outs, _ = self._run(segs)
+        outs, n_plan = self._run_training(segs)
         zero = actions.new_zeros(())
         losses = {"plan_loss": zero, "action_loss": zero, "frame_loss": zero}
         if cfg.goal_loss_weight > 0:
@@ -1106,19 +1150,20 @@ class VLA(nn.Module):
                 off = self.goal_offsets(outs[0])[rows, patch[rows]]  # (K, 2)
                 err = (off - self.goal_offset_target(batch["goal_pixel"], patch)[rows].to(off)).abs().sum(-1)  # (K,)
                 losses["goal_offset_loss"] = err.sum() / rows.numel() if rows.numel() else off.sum() * 0.0
-        if cfg.planner:
-            logits = self.plan_logits(outs[1][:, :-1], words)  # (B, Lp-1, V)
-            m = batch["plan_mask"][:, 1:]
-            plan_target = batch["plan_tokens"][:, 1:].masked_fill(~m, -100)  # padding: word plans score it -inf
+        if cfg.planner:  # on the first n_plan rows (all, unless plan_rows says fewer)
+            words = None if words is None else tuple(w[:n_plan] for w in words)
+            logits = self.plan_logits(outs[1][:, :-1], words)  # (n_plan, Lp-1, V)
+            m = batch["plan_mask"][:n_plan, 1:]
+            plan_target = batch["plan_tokens"][:n_plan, 1:].masked_fill(~m, -100)  # padding: word plans score it -inf
             ce = F.cross_entropy(logits.transpose(1, 2), plan_target, reduction="none", ignore_index=-100)  # (B, Lp-1)
             m = m.float()
             losses["plan_loss"] = (ce * m).sum() / m.sum().clamp_min(1)
         step_ok = (~batch["action_is_pad"]).float()  # (B, H)
-        a_out = outs[-2] if cfg.frame != "off" else outs[-1]
-        if cfg.action_head == "flow":
-            err = (self.action["out"](a_out) - u).pow(2).mean(-1)  # (B, H)
+        if cfg.action_head == "flow":  # the mean over the noisy copies
+            err = sum((self.action["out"](outs[i]) - u_k).pow(2).mean(-1)
+                      for i, u_k in zip(action_segs, targets)) / len(targets)  # (B, H)
         else:
-            logits = self.lm_logits(a_out)  # (B, H*A, V)
+            logits = self.lm_logits(outs[action_segs[0]])  # (B, H*A, V)
             ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, H*A)
             err = ce.view(b, cfg.horizon, cfg.action_dim).mean(-1)  # (B, H)
         losses["action_loss"] = (err * step_ok).sum() / step_ok.sum().clamp_min(1)

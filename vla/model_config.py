@@ -67,6 +67,10 @@ class VLAConfig:
     frame_loss_weight: float = 0.1
     plan_loss_weight: float = 1.0
     flow_steps: int = 10
+    flow_samples: int = 1  # training: noisy copies of each action chunk in the flow loss, all against one prefix (the
+    #                        action expert is small, the images are not; MAR's diffusion batch multiplier)
+    plan_rows: int = 0  # training, plan a side output (actions_read_plan=false): only the first N rows of a batch
+    #                     run the plan block and its loss, the rest skip it (the plan is learnt early; 0 = all rows)
     action_bins: int = 256
     rope_theta: float = 10000.0
     text: str = "bytes"  # bytes | minilm (pretrained all-MiniLM-L6-v2, `vla.text_encoder`)
@@ -96,6 +100,18 @@ class VLAConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"VLAConfig.{name} must be a positive int, got {v!r}"
                                  + (" (fill it from the store)" if name in ("state_dim", "action_dim") else ""))
+        for name, least in (("flow_samples", 1), ("plan_rows", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"VLAConfig.{name} must be an int >= {least}, got {v!r}")
+        if self.flow_samples > 1 and (self.action_head != "flow" or self.frame == "condition"):
+            raise ValueError(f"VLAConfig.flow_samples={self.flow_samples} needs action_head='flow' and frame 'off' or "
+                             f"'aux' (with frame='condition' the frame shares the chunk's flow time), got "
+                             f"action_head={self.action_head!r}, frame={self.frame!r}")
+        if self.plan_rows and not (self.planner and not self.actions_read_plan):
+            raise ValueError(f"VLAConfig.plan_rows={self.plan_rows} needs the plan as a side output (planner=side: "
+                             f"planner on, actions_read_plan false; the rows without a plan must not change what the "
+                             f"actions read), got planner={self.planner}, actions_read_plan={self.actions_read_plan}")
         if self.gelu not in ("tanh", "erf"):
             raise ValueError(f"VLAConfig.gelu must be 'tanh' or 'erf', got {self.gelu!r}")
         h, w = self.image_hw
