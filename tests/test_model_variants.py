@@ -188,6 +188,23 @@ def test_train_benchmark_interleaves_bf16_variants_and_reports_ratios(capsys):
         train.main(["store=/no/such.zarr"])
 
 
+def test_train_benchmark_times_recipe_variants_side_by_side(capsys):
+    import json
+
+    from vla.bench import train
+
+    assert train.main(["presets=[tiny]", "steps=1", "warmup=1", "episodes=2", "episode_len=20", "image_size=16",
+                       "bf16=[false]", "planner=side", "overrides=[model.patch_size=4]",
+                       "variants=[none, model.plan_rows=1 model.flow_samples=2]"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["results"]
+    assert [r["variant"] for r in rows] == ["none", "model.plan_rows=1 model.flow_samples=2"]
+    ratio = report["ratios"]["variant=model.plan_rows=1 model.flow_samples=2 / variant=none"]
+    assert ratio["per_round"] == [pytest.approx(rows[1]["samples_per_s"] / rows[0]["samples_per_s"])]
+    with pytest.raises(ValueError, match=r"variants item 'flow_samples': expected .*key=value.*\['flow_samples'\]"):
+        train.main(["presets=[tiny]", "variants=[flow_samples]"])
+
+
 def test_state_dropout_hides_the_state_in_training_and_one_means_no_state():
     from model_helpers import model_batch, tiny_config
 

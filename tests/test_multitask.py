@@ -169,5 +169,6 @@ def test_main_job_script_in_a_smoke_configuration(tmp_path):
     assert "goal_frames.zarr" in train_cfg and "goal_patch_loss_weight: 0.3" in train_cfg
     assert "actions_read_plan: false" in train_cfg and "planner: true" in train_cfg  # planner=side
     assert "  lr: 0.001\n" in train_cfg and "balance: subtask" in train_cfg  # the recipe's schedule and draws
+    assert "  plan_rows: 8\n" in train_cfg and "  flow_samples: 2\n" in train_cfg  # and its step
     budget = [ln for ln in train_cfg.splitlines() if ln.strip().startswith("time_budget_s:")]
     assert len(budget) == 1 and 60 <= int(budget[0].split(":")[1]) <= 870  # what is left of the 870 s

@@ -10,9 +10,11 @@
 (A, B, A, B, ...: a load change hits both), and ``ratios`` gives each variant's samples/s over the
 first's, per round and as the median. ``store`` uses a real store instead of the synthetic one;
 ``overrides`` are extra `vla train` overrides (a recipe). ``compile=[false,true]`` times
-``trainer.compile`` both ways. ``mfu`` (auto: on CUDA) counts one training step's FLOPs
-(forward + backward, `step_flops`) and divides the achieved FLOP/s by the matmul peak measured in
-the same run (bf16 8192^3 on CUDA): ``mfu``, ``achieved_tflops``, ``flops_per_sample``.
+``trainer.compile`` both ways. ``variants`` times recipe variants the same way, each item a set of
+space-separated `vla train` overrides on top of ``overrides`` (``none``: nothing more), e.g.
+``"variants=[none, model.plan_rows=8, model.plan_rows=8 model.flow_samples=2]"``. ``mfu`` (auto: on CUDA)
+counts one training step's FLOPs (forward + backward, `step_flops`) and divides the achieved FLOP/s by the
+matmul peak measured in the same run (bf16 8192^3 on CUDA): ``mfu``, ``achieved_tflops``, ``flops_per_sample``.
 
 Builds a synthetic in-memory store (random images, smooth actions) in a temp dir, sets up the
 real ``vla.training.Trainer`` (same data path, augmentation, optimizer, EMA as `vla train`) and times
@@ -49,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "overrides": [],
     "compile": ["false"],
     "mfu": "auto",  # auto: on CUDA only (FLOPs of one training step vs the measured matmul peak)
+    "variants": ["none"],  # recipe variants: each item `vla train` overrides (space-separated) or none
 }
 
 
@@ -98,8 +101,19 @@ def step_flops(trainer: Any, raw: dict[str, Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def variant_overrides(variant: str) -> list[str]:
+    """A ``variants`` item as `vla train` overrides: space-separated key=value, or ``none`` for none."""
+    items = [] if variant.strip() in ("", "none") else variant.split()
+    bad = [x for x in items if "=" not in x]
+    if bad:
+        raise ValueError(f"vla bench train: variants item {variant!r}: expected space-separated key=value "
+                         f"overrides (or none), got {bad}")
+    return items
+
+
 def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp: Path,
-              bf16: str = "auto", compile_: str = "false", peak_gflops: float | None = None) -> dict[str, Any]:
+              bf16: str = "auto", compile_: str = "false", peak_gflops: float | None = None,
+              variant: str = "none") -> dict[str, Any]:
     import torch
 
     from vla.config import compose
@@ -112,6 +126,7 @@ def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp:
         f"trainer.batch_size={args['batch_size']}", f"trainer.steps={steps + warmup}",
         f"trainer.num_workers={workers}", f"trainer.bf16={bf16}", "trainer.progress=false",
         f"trainer.compile={compile_}", f"device={args['device']}", f"run_dir={tmp / preset}", *args["overrides"],
+        *variant_overrides(variant),
     ])
     info = dist_utils.init(str(cfg.device))
     trainer = Trainer(cfg, info)
@@ -146,6 +161,7 @@ def bench_one(store: Path, preset: str, args: dict[str, Any], workers: int, tmp:
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "compile": compile_,
+        "variant": variant,
         **({} if not flops else {
             "flops_per_step": flops, "flops_per_sample": flops / args["batch_size"],
             "achieved_tflops": flops * steps / wall / 1e12,
@@ -160,23 +176,25 @@ def _loadavg() -> float | None:
         return None
 
 
-def bf16_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """samples/s of each bf16 setting over the first setting's, per (preset, workers, round) and the median."""
+def ratios(results: list[dict[str, Any]], field: str = "bf16_setting", label: str = "bf16") -> dict[str, Any]:
+    """samples/s of each value of ``field`` over the first value's, per round (every other setting equal)
+    and the median."""
     import statistics
 
-    settings = list(dict.fromkeys(r["bf16_setting"] for r in results))
+    others = ("round", "preset", "num_workers", "bf16_setting", "compile", "variant")
+    settings = list(dict.fromkeys(r[field] for r in results))
     out: dict[str, Any] = {}
     for s in settings[1:]:
         per = []
         for r in results:
-            if r["bf16_setting"] != settings[0]:
+            if r[field] != settings[0]:
                 continue
-            match = [x for x in results if x["bf16_setting"] == s and x["round"] == r["round"]
-                     and x["preset"] == r["preset"] and x["num_workers"] == r["num_workers"]]
+            match = [x for x in results if x[field] == s
+                     and all(x.get(k) == r.get(k) for k in others if k != field)]
             if match:
                 per.append(match[0]["samples_per_s"] / r["samples_per_s"])
         if per:
-            out[f"bf16={s} / bf16={settings[0]}"] = {"per_round": per, "median": statistics.median(per)}
+            out[f"{label}={s} / {label}={settings[0]}"] = {"per_round": per, "median": statistics.median(per)}
     return out
 
 
@@ -186,6 +204,8 @@ def main(argv: list[str]) -> int:
     import torch
 
     args = parse_args(argv)
+    for variant in args["variants"]:  # refused before any store is built
+        variant_overrides(variant)
     if not args["presets"]:
         cuda = torch.cuda.is_available() and args["device"] in ("auto", "cuda")
         args["presets"] = ["small", "base"] if cuda else ["tiny", "small"]
@@ -217,16 +237,17 @@ def main(argv: list[str]) -> int:
                 for workers in args["workers"]:
                     for bf16 in args["bf16"]:
                         for comp in args["compile"]:
-                            print(f"bench train: round {r} {preset} workers={workers} bf16={bf16} compile={comp} ...",
-                                  file=sys.stderr)
-                            res = bench_one(store, preset, args, int(workers), tmp, bf16, comp, peak)
-                            res.update(round=r, loadavg_1m=_loadavg())
-                            results.append(res)
+                            for variant in args["variants"]:
+                                print(f"bench train: round {r} {preset} workers={workers} bf16={bf16} "
+                                      f"compile={comp} variant={variant} ...", file=sys.stderr)
+                                res = bench_one(store, preset, args, int(workers), tmp, bf16, comp, peak, variant)
+                                res.update(round=r, loadavg_1m=_loadavg())
+                                results.append(res)
     out = {
         "benchmark": "train",
         "store": store_info,
         "overrides": list(args["overrides"]),
-        "ratios": bf16_ratios([r for r in results if r["compile"] == args["compile"][0]]),
+        "ratios": {**ratios(results), **ratios(results, "compile", "compile"), **ratios(results, "variant", "variant")},
         "matmul_peak_gflops": peak,
         "batch_size": int(args["batch_size"]),
         "timed_steps": int(args["steps"]),
