@@ -243,14 +243,28 @@ def test_time_budget_shortens_the_schedule_once_and_refuses_resume(store, tmp_pa
         seen.append(b.after_step(step, One(), total_steps=1000))
     # probe: steps 3..6 took 4 s -> 1 step/s; 100 s budget, 24 s used at step 6 -> 6 + 76 = 82 steps
     assert seen == [None, None, None, None, None, 82, None, None] and b.rate == pytest.approx(1.0)
-    # after the probe the budget is a deadline, checked every check_every (25) steps: at step 50 (t = 74 s) there
-    # is time left; had the steps slowed to 3 s from step 9 on, the run would be at 128 s > 100 s by step 25: stop
+    # planned again a tenth of the plan (8 steps) after the probe: the 8 steps after step 6 took 10 s (t = 34 s at
+    # step 14) -> 0.8 steps/s, 66 s left -> 14 + 52 = 66 steps
+    for step in range(9, 14):
+        assert b.after_step(step, One(), total_steps=82) is None
+    clock["t"] = 34.0
+    assert b.after_step(14, One(), total_steps=82) == 66 and (b.first_rate, b.rate) == (1.0, pytest.approx(0.8))
+    # after that the budget is a deadline, checked every check_every (25) steps: at step 50 (t = 74 s) there
+    # is time left; had the steps slowed to 3 s from step 15 on, the run would be at 128 s > 100 s by step 25: stop
     clock["t"] = 74.0
-    assert b.after_step(50, One(), total_steps=82) is None and not b.spent
+    assert b.after_step(50, One(), total_steps=66) is None and not b.spent
     clock["t"] = 128.0
-    assert b.after_step(24, One(), total_steps=82) is None  # only on check steps
-    assert b.after_step(25, One(), total_steps=82) == 25 and b.spent
+    assert b.after_step(24, One(), total_steps=66) is None  # only on check steps
+    assert b.after_step(25, One(), total_steps=66) == 25 and b.spent
     assert b.after_step(50, One(), total_steps=25) is None  # once
+    # a pessimistic probe (2 s per step) is corrected upwards, but never past trainer.steps (the first total, 60)
+    clock["t"] = 0.0
+    b3 = budget_mod.TimeBudget(100.0, start_step=0, warm=0, probe=2, margin=1.0)
+    assert b3.after_step(0, One(), 60) is None
+    clock["t"] = 4.0
+    assert b3.after_step(2, One(), 60) == 50 and b3.refine_at == 7  # 0.5 steps/s: 2 + 48
+    clock["t"] = 9.0
+    assert b3.after_step(7, One(), 50) == 60  # 1 step/s over steps 2..7: 7 + 91, capped at 60
     b2 = budget_mod.TimeBudget(1000.0, start_step=0, warm=0, probe=1)
     assert b2.after_step(0, One(), 50) is None and b2.after_step(1, One(), 50) is None  # budget allows more: keep 50
     with pytest.raises(ValueError, match="must be > 0 seconds"):

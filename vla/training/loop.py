@@ -439,7 +439,9 @@ class Trainer:
                     self.total_steps = self.stop_at = fit  # the schedule now spans what fits the budget
                     log.line(f"time budget {budget.budget_s:.0f} s: spent at step {fit}, stopping here (the probe's "
                              f"{budget.rate:.2f} steps/s was optimistic)" if budget.spent else
-                             f"time budget {budget.budget_s:.0f} s: {budget.rate:.2f} steps/s -> steps={fit}")
+                             f"time budget {budget.budget_s:.0f} s: {budget.rate:.2f} steps/s -> steps={fit}"
+                             + (" (planned again at this step from its rate since the probe)"
+                                if budget.first_rate is not None else ""))
                     if bar is not None:
                         bar.total = fit
                 n_seen += self.batch_size * info.world_size
