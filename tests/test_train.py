@@ -227,7 +227,7 @@ def test_periodic_closed_loop_eval_is_wired(store, tmp_path, monkeypatch):
     assert "eval.every=2 needs eval.env" in msg
 
 
-def test_time_budget_shortens_the_schedule_once_and_refuses_resume(store, tmp_path, monkeypatch):
+def test_time_budget_plans_from_a_probe_then_from_a_longer_window_and_refuses_resume(store, tmp_path, monkeypatch):
     from vla.training import budget as budget_mod
 
     clock = {"t": 0.0}
