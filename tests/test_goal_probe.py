@@ -1,6 +1,6 @@
 """The probe scripts' pure parts: scripts/goal_probe.py's place clustering (goals on a few fixed places, layout=slots,
-jitter <= 1.5 cm, become one place each; goals spread over the table stay apart) and scripts/grasp_probe.py's
-summary."""
+jitter <= 1.5 cm, become one place each; goals spread over the table stay apart), scripts/grasp_probe.py's
+summary and scripts/plan_grounding.py's check."""
 
 import importlib.util
 import math
@@ -87,3 +87,30 @@ def test_summary_per_pick_counts_only_episodes_that_reached_the_pick():
     assert first["failure"]["episodes"] == 1 and first["failure"]["goal_err_cm"] == 9.0
     assert math.isnan(first["failure"]["close_xy_offset_cm"])  # it never closed
     assert probe.summarize(rows, pick=2) == {}
+
+
+def test_plan_grounding_counts_steps_that_name_the_instructions_words(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    mod = load_module("plan_grounding")
+    assert mod.grounded("could you set the cyan block on the plate", "pick up the cyan cube")  # block = cube
+    assert mod.grounded("the red cube and the blue cylinder both go in the bowl", "put it in the bowl")
+    assert not mod.grounded("the red cube goes in the bowl", "pick up the green cube")  # the wrong colour
+    assert not mod.grounded("the red cube goes in the bowl", "put it on the plate")  # the wrong receptacle
+    assert not mod.grounded("the red cube goes in the bowl", "wave")  # not a pick or place step
+    info = {"episodes": [
+        {"instruction": "the red cube goes in the bowl", "final_plan": ["pick up the red cube", "put it on the plate"]},
+        {"instruction": "put the cyan block on the plate", "final_plan": ["put it on the plate"]},
+        {"instruction": "the red cube goes in the bowl", "final_plan": []}]}
+    path = tmp_path / "eval_info.json"
+    path.write_text(json.dumps(info))
+    assert mod.main([str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["grounded"], out["steps"]) == (2, 3)
+    miss = {"instruction": "the red cube goes in the bowl", "step": "put it on the plate"}
+    assert out["files"][0]["misses"] == [miss]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"bad.json has no 'episodes' \(expected a `vla eval` eval_info.json\)"):
+        mod.main([str(tmp_path / "bad.json")])
