@@ -82,22 +82,24 @@ class TimeBudget:
         self.done = True
         now = time.perf_counter()
         rate = (self.probe_to - self.probe_from) / max(now - self.t_probe, 1e-9)  # steps/s
-        left = self.budget_s * self.margin - (now - self.t_run)
-        fit = step + max(1, int(left * rate))
-        fit = int(dist_utils.all_reduce_mean(info, {"fit": float(fit)})["fit"])  # ranks agree
+        fit = self._fit(step, rate, now, info)
         self.rate, self.fit = rate, fit
         window = max(self.probe_to - self.probe_from, min(fit, total_steps) // 10)
         if step + window < min(fit, total_steps):
             self.refine_at, self.t_refine_from, self.refine_from = step + window, now, step
         return fit if fit < total_steps else None
 
+    def _fit(self, step: int, rate: float, now: float, info: dist_utils.DistInfo, cap: int | None = None) -> int:
+        """The total step count that ends inside the budget at ``rate`` steps/s (at most ``cap``); ranks agree."""
+        fit = step + max(1, int((self.budget_s * self.margin - (now - self.t_run)) * rate))
+        fit = fit if cap is None else min(cap, fit)
+        return int(dist_utils.all_reduce_mean(info, {"fit": float(fit)})["fit"])
+
     def _refine(self, step: int, info: dist_utils.DistInfo, total_steps: int) -> int | None:
         """The second plan, from the rate over the steps since the probe."""
         self.refine_at = None
         now = time.perf_counter()
         rate = (step - self.refine_from) / max(now - self.t_refine_from, 1e-9)
-        left = self.budget_s * self.margin - (now - self.t_run)
-        fit = min(self.cap, step + max(1, int(left * rate)))
-        fit = int(dist_utils.all_reduce_mean(info, {"fit": float(fit)})["fit"])
+        fit = self._fit(step, rate, now, info, cap=self.cap)
         self.first_rate, self.rate, self.fit = self.rate, rate, fit
         return fit if fit != total_steps else None
