@@ -12,7 +12,9 @@ protects all of them at once.
   is one). It is asked once per step for all running slots, so batched policies see full batches.
   A policy with ``recorded_action(slot)`` names the action recorders get when it differs from the
   executed one (the scripted expert under ``action_noise`` records its own action, not the noisy
-  one it executes); None there means the executed action.
+  one it executes); None there means the executed action. A policy with ``seed_episode(slot, seed)``
+  is told each episode's seed when it starts (the VLA then draws that episode's flow noise from a
+  stream of its own, so a seed replays the same episode whatever the batch around it).
 - ``pool``: an :mod:`vla.envs.pool` pool; each slot runs one episode at a time.
 - ``jobs``: the episodes to run, ``(task, seed)`` pairs, as a list or as an object with
   ``next_job() -> (task, seed) | None`` and ``lost(job)`` (``vla collect`` decides as it goes how
@@ -173,6 +175,7 @@ def rollout(
     infos: dict[int, dict] = {}
     free = list(range(pool.n))  # live slots without an episode
     t0 = time.perf_counter()
+    seed_episode = getattr(policy, "seed_episode", None)
 
     def lose(slot: int) -> None:
         job, ep = running.pop(slot)
@@ -205,6 +208,8 @@ def rollout(
             ep.success = bool(info.get("success", False))
             obs[slot], infos[slot] = o, info
             policy.reset(slot)
+            if seed_episode is not None:  # the policy's noise for this episode follows its seed alone
+                seed_episode(slot, ep.seed)
             for r in recorders:
                 r.start(ep, o, info)
 

@@ -13,6 +13,12 @@ action, while ``recorded_action`` returns the expert's own action for the store.
 wander off the expert's path by a few millimetres and the store shows how the expert steers back,
 which clean demonstrations never show. The noise of an episode is seeded by its first privileged
 vector and ``noise_seed``, so a collection is reproducible whatever order workers finish in.
+
+``noise_corr`` (in [0, 1)) makes that noise a first-order autoregressive process, ``n_t = c n_(t-1) +
+sqrt(1 - c^2) e_t`` with ``e_t`` of std ``action_noise``: the same std per step, but a slowly turning push
+instead of jitter. The expert's P-control undoes one step's push on the next step, so white noise keeps the
+hand within ~``action_noise`` x 2 cm of the expert's path; a correlated push of the same size holds it off the
+path for ~1/(1 - c) steps in a row (the hand hovering beside the cube while the label steers it back).
 """
 
 from __future__ import annotations
@@ -34,11 +40,15 @@ class ExpertPolicy(Policy):
     name = "expert"
 
     def __init__(self, family: str, task: str | None = None, action_noise: float = 0.0,
-                 noise_seed: int = 0) -> None:
+                 noise_seed: int = 0, noise_corr: float = 0.0) -> None:
         super().__init__(n_action_steps=1)
         if not (float(action_noise) >= 0.0):
             raise ValueError(f"ExpertPolicy: action_noise must be >= 0 (a standard deviation in action units), "
                              f"got {action_noise}")
+        if not (0.0 <= float(noise_corr) < 1.0):
+            raise ValueError(f"ExpertPolicy: noise_corr must be in [0, 1) (the noise's correlation from one step "
+                             f"to the next), got {noise_corr}")
+        self.noise_corr = float(noise_corr)
         self.family = family
         self.task = task
         self.action_noise = float(action_noise)
@@ -47,6 +57,7 @@ class ExpertPolicy(Policy):
         self._subtasks: dict[int, str] = {}
         self._rngs: dict[int, np.random.Generator] = {}  # slot -> the running episode's noise
         self._clean: dict[int, np.ndarray] = {}  # slot -> the expert's own last action (action_noise > 0)
+        self._push: dict[int, np.ndarray] = {}  # slot -> the noise of the last step (noise_corr > 0)
         if task is not None:
             self._make(task)  # fail early on an unknown family/task
 
@@ -76,6 +87,7 @@ class ExpertPolicy(Policy):
             self._subtasks.pop(s, None)
             self._rngs.pop(s, None)
             self._clean.pop(s, None)
+            self._push.pop(s, None)
 
     def predict_chunks(
         self,
@@ -106,8 +118,15 @@ class ExpertPolicy(Policy):
         if rng is None:  # the episode's first step: its scene decides the noise
             key = zlib.crc32(np.ascontiguousarray(info["privileged"], np.float64).tobytes())
             rng = self._rngs[slot] = np.random.default_rng([self.noise_seed, key])
+        push = rng.normal(0.0, self.action_noise, action.shape[0] - 1)
+        if self.noise_corr > 0:
+            c = self.noise_corr
+            last = self._push.get(slot)
+            if last is not None:  # the first step draws from the stationary distribution (std action_noise)
+                push = c * last + np.sqrt(1.0 - c * c) * push
+            self._push[slot] = push
         noisy = action.copy()
-        noisy[:-1] = np.clip(noisy[:-1] + rng.normal(0.0, self.action_noise, noisy.shape[0] - 1), -1.0, 1.0)
+        noisy[:-1] = np.clip(noisy[:-1] + push, -1.0, 1.0)
         return noisy
 
     def recorded_action(self, env_index: int = 0) -> np.ndarray | None:

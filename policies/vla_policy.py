@@ -20,7 +20,11 @@ subtasks) and ``current_subtask(i)`` for video overlays and evaluation records.
 
 Reproducibility: noise comes from a ``torch.Generator`` seeded with ``seed`` (re-seeded by
 :meth:`reseed`), or, per call, from ``noise_seed``; the same checkpoint, seed and observations
-give the same actions locally and through ``vla serve``.
+give the same actions locally and through ``vla serve``. In a rollout (``vla eval``) each episode
+draws from its own stream, seeded by the policy's seed and the episode's (:meth:`seed_episode`, which
+the rollout engine calls at every episode start), so an episode's noise does not depend on which other
+episodes share its batch: a seed replays the same rollout at any ``n_envs`` when chunks are asked
+for at fixed steps (``vla eval n_envs=1`` or ``sync_chunks=false``).
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class VLAPolicy(Policy):
         self.trained_on = dict(trained_on or {})     # the training store's env family and tasks
         self.n_obs_steps = int(cfg.n_obs_steps)
         self.generator = torch.Generator(device="cpu")
+        self._episode_generators: dict[int, torch.Generator] = {}  # slot -> its episode's noise stream
         self.reseed(seed)
         self._plans: dict[int, torch.Tensor] = {}  # slot -> plan token ids (L,) incl. <plan>, no padding
         self._text_cache: dict[str, torch.Tensor] = {}  # "n:instruction" -> encoded instruction (n, D)
@@ -112,8 +117,17 @@ class VLAPolicy(Policy):
                    trained_on=config.get("store"))
 
     def reseed(self, seed: int | None) -> None:
-        """Restart the noise stream (``None``: a nondeterministic seed)."""
-        self.generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        """Restart the noise stream (``None``: a nondeterministic seed); episode streams are dropped."""
+        self.seed = int(seed) if seed is not None else int(torch.seed() % (2**63))
+        self.generator.manual_seed(self.seed)
+        self._episode_generators.clear()
+
+    def seed_episode(self, env_index: int, episode_seed: int) -> None:
+        """From now until ``reset(env_index)``, env ``env_index``'s flow noise comes from its own stream,
+        seeded by (policy seed, ``episode_seed``): the episode's actions no longer depend on the other
+        envs of the batch or on the order episodes started in."""
+        key = np.random.SeedSequence([self.seed % 2**63, int(episode_seed) % 2**63]).generate_state(1, np.uint64)[0]
+        self._episode_generators[int(env_index)] = torch.Generator(device="cpu").manual_seed(int(key) % 2**63)
 
     # ---- what the env must look like ------------------------------------------------------------
     @property
@@ -153,8 +167,10 @@ class VLAPolicy(Policy):
         if env_index is None:
             self._plans.clear()
             self._text_cache.clear()
+            self._episode_generators.clear()
         else:
             self._plans.pop(int(env_index), None)
+            self._episode_generators.pop(int(env_index), None)
 
     # ---- inference ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -192,12 +208,7 @@ class VLAPolicy(Policy):
                                                                                self._text_cache)
         if cfg.planner and not replan:
             batch["plan_tokens"], batch["plan_mask"] = self._stored_plans(env_indices)
-        gen = self.generator if noise_seed is None else torch.Generator().manual_seed(int(noise_seed))
-        noise = torch.randn(n, cfg.horizon, cfg.action_dim, generator=gen).to(self.device)  # (N, H, A)
-        frame_noise = None
-        if cfg.frame != "off":
-            s = cfg.frame_size
-            frame_noise = torch.randn(n, 3, s, s, generator=gen).to(self.device)  # (N, 3, s, s)
+        noise, frame_noise = self._draw_noise(env_indices, noise_seed)
         out = self.model.sample(batch, noise=noise, decode_plan=replan, use_cache=self.use_cache,
                                 num_steps=self.num_flow_steps, frame_noise=frame_noise)
         actions = self.processor.unnormalize_actions(out["actions"])  # (N, H, A) raw units
@@ -216,6 +227,22 @@ class VLAPolicy(Policy):
                 plan = split_plan(out["plan_text"][k])
             chunks.append(Chunk(actions[k], plan=plan, frame=None if frames is None else frames[k]))
         return chunks
+
+    def _draw_noise(self, env_indices: list[int], noise_seed: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Flow noise for the batch: actions f32[N, H, A] and, with a frame head, frames f32[N, 3, s, s].
+        ``noise_seed`` given: one fresh stream for the call; else each env with an episode stream draws its
+        row from it, and the rest share the policy's stream (one draw for the batch when no env has one)."""
+        cfg, n = self.cfg, len(env_indices)
+        shapes = [(cfg.horizon, cfg.action_dim)] + ([(3, cfg.frame_size, cfg.frame_size)] if cfg.frame != "off" else [])
+        own = [self._episode_generators.get(i) for i in env_indices] if noise_seed is None else [None] * n
+        if all(g is None for g in own):
+            gen = self.generator if noise_seed is None else torch.Generator().manual_seed(int(noise_seed))
+            drawn = [torch.randn(n, *shape, generator=gen) for shape in shapes]
+        else:  # row by row: an env's noise is the same whichever envs share the batch
+            rows = [[torch.randn(*shape, generator=g or self.generator) for shape in shapes] for g in own]
+            drawn = [torch.stack([r[j] for r in rows]) for j in range(len(shapes))]
+        drawn = [d.to(self.device) for d in drawn]
+        return drawn[0], (drawn[1] if len(drawn) > 1 else None)
 
     def _trim_plan(self, tokens: torch.Tensor) -> torch.Tensor:
         """A decoded plan row (L,) without the padding after its <eos> (kept: <plan> ... <eos>)."""

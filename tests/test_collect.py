@@ -159,4 +159,9 @@ def test_collect_with_action_noise_stores_the_experts_actions_on_perturbed_state
         collect_cmd.main([*common, "action_noise=-1", f"out={tmp_path / 'bad.zarr'}"])
     with pytest.raises(ValueError, match=r"action_noise must be >= 0 .*got lots"):
         collect_cmd.main([*common, "action_noise=lots", f"out={tmp_path / 'bad.zarr'}"])
+    with pytest.raises(ValueError, match=r"noise_corr must be in \[0, 1\) .*got 1.5"):
+        collect_cmd.main([*common, "action_noise=0.3", "noise_corr=1.5", f"out={tmp_path / 'bad.zarr'}"])
     assert not (tmp_path / "bad.zarr").exists()  # refused before anything is written
+    assert collect_cmd.main([*common, "action_noise=0.3", "noise_corr=0.9", f"out={tmp_path / 'slow.zarr'}"]) == 0
+    slow = EpisodeStore(tmp_path / "slow.zarr").get_episode(0)
+    assert not np.array_equal(slow["state"][5:10], noisy["state"][5:10])  # the correlation reached the expert

@@ -177,6 +177,31 @@ def test_vla_eval_tiny_checkpoint(tmp_path, capsys):
         eval_cmd.main(["policy=expert"])
 
 
+def test_a_seed_replays_the_same_vla_episode_alone_or_beside_others():
+    from _tiny_vla import make_tiny
+    from vla.policies import VLAPolicy
+
+    from vla.evaluation import run_evaluation
+
+    model, proc = make_tiny()  # random weights: the actions are the flow noise pushed through the model
+    kw = {"env_kwargs": {"cameras": ("corner",), "image_size": 32}, "progress": False, "max_steps": 16}
+
+    def run(seed_start: int, episodes: int, n_envs: int) -> dict[int, float]:
+        policy = VLAPolicy(model, proc, n_action_steps=4, seed=3)
+        out = run_evaluation(policy, "metaworld", [TASK], episodes, n_envs=n_envs, seed_start=seed_start,
+                             sync_chunks=False, **kw)
+        return {e["seed"]: e["sum_reward"] for e in out["episodes"]}
+
+    three = run(500, 3, n_envs=1)
+    pair = run(500, 3, n_envs=2)
+    alone = run(501, 1, n_envs=1)  # the second episode, replayed on its own
+    assert sorted(three) == sorted(pair) == [500, 501, 502]
+    for seed, ret in three.items():
+        assert pair[seed] == pytest.approx(ret, rel=1e-4, abs=1e-4)
+    assert alone[501] == pytest.approx(three[501], rel=1e-4, abs=1e-4)
+    assert len(set(np.round(list(three.values()), 3))) == 3  # three scenes, three different returns
+
+
 def test_bench_eval_prints_one_json_object(capsys):
     from vla.bench import eval as bench_eval
 

@@ -223,3 +223,32 @@ def test_refill_below_resynchronizes_envs():
     for _ in range(16):
         p.act_batch([OBS] * 2, ["x"] * 2, env_indices=[0, 1])
     assert p.calls[n:] == [[0, 1], [0, 1]]  # from now on one call per cycle for both
+
+
+def test_episode_noise_streams_make_an_envs_chunk_independent_of_its_batch():
+    from _tiny_vla import INSTRUCTION, obs
+
+    rng = np.random.default_rng(4)
+    o0, o1 = obs(rng), obs(rng)
+    pair, _ = _recording_policy(n_action_steps=2, seed=5)
+    alone, _ = _recording_policy(n_action_steps=2, seed=5)
+    pair.seed_episode(0, 1_000_000)
+    pair.seed_episode(1, 1_000_001)
+    alone.seed_episode(3, 1_000_000)  # another slot, the same episode seed
+    both = pair.predict_chunks([o0, o1], [INSTRUCTION] * 2, env_indices=[0, 1])
+    one = alone.predict_chunks([o0], [INSTRUCTION], env_indices=[3])
+    np.testing.assert_allclose(both[0].actions, one[0].actions, rtol=1e-4, atol=1e-5)
+    # the next chunk of the episode continues its own stream, whoever else is in the batch
+    again = pair.predict_chunks([o1, o0], [INSTRUCTION] * 2, env_indices=[1, 0])
+    np.testing.assert_allclose(again[1].actions, alone.predict_chunks([o0], [INSTRUCTION], env_indices=[3])[0].actions,
+                               rtol=1e-4, atol=1e-5)
+    # another episode seed is other noise: the same observation gives another chunk
+    other, _ = _recording_policy(n_action_steps=2, seed=5)
+    other.seed_episode(0, 1_000_002)
+    assert np.abs(other.predict_chunks([o0], [INSTRUCTION], env_indices=[0])[0].actions - one[0].actions).max() > 1e-3
+    # reset(slot) drops the stream: back on the policy's shared stream, as a policy never told a seed
+    plain, _ = _recording_policy(n_action_steps=2, seed=5)
+    other.reset(0)
+    other.reseed(5)
+    np.testing.assert_array_equal(other.predict_chunks([o0], [INSTRUCTION], env_indices=[0])[0].actions,
+                                  plain.predict_chunks([o0], [INSTRUCTION], env_indices=[0])[0].actions)

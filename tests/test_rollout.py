@@ -275,3 +275,21 @@ def test_action_noise_is_reproducible_per_scene_and_refuses_a_negative_std():
     with pytest.raises(ValueError, match=r"action_noise must be >= 0 .* got -0.1"):
         ExpertPolicy("tabletop", action_noise=-0.1)
     assert ExpertPolicy("tabletop").recorded_action(0) is None
+
+
+def test_correlated_action_noise_keeps_its_std_and_turns_slowly():
+    def pushes(corr):
+        expert = ExpertPolicy("tabletop", action_noise=0.2, noise_corr=corr)
+        info = {"privileged": np.arange(8, dtype=np.float64)}
+        action = np.zeros(4, np.float32)
+        return np.stack([expert._perturb(0, action, info)[:3] for _ in range(4000)])  # (T, 3), no clipping at 0.2
+
+    def lag1(x):
+        return float(np.mean([np.corrcoef(x[:-1, k], x[1:, k])[0, 1] for k in range(x.shape[1])]))
+
+    white, slow = pushes(0.0), pushes(0.9)
+    assert white.std() == pytest.approx(0.2, rel=0.05) and slow.std() == pytest.approx(0.2, rel=0.15)
+    assert abs(lag1(white)) < 0.05 and lag1(slow) == pytest.approx(0.9, abs=0.03)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"noise_corr must be in \[0, 1\) .*got {bad}"):
+            ExpertPolicy("tabletop", action_noise=0.2, noise_corr=bad)

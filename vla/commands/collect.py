@@ -211,6 +211,13 @@ def _resolve(cfg) -> dict[str, Any]:
     if not action_noise >= 0.0:
         raise ValueError(f"action_noise must be >= 0 (std of the noise on the expert's move actions, in action units), "
                          f"got {cfg.get('action_noise')}")
+    try:
+        noise_corr = float(cfg.get("noise_corr") or 0.0)
+    except (TypeError, ValueError):
+        noise_corr = float("nan")
+    if not 0.0 <= noise_corr < 1.0:
+        raise ValueError(f"noise_corr must be in [0, 1) (the action noise's correlation from one step to the next), "
+                         f"got {cfg.get('noise_corr')}")
     out = Path(cfg.out) if cfg.out else Path("data") / f"{family_name}.zarr"
     max_steps = cfg.max_episode_steps if cfg.max_episode_steps is not None else cfg.env.get("max_episode_steps")
     env_kwargs = {
@@ -228,6 +235,7 @@ def _resolve(cfg) -> dict[str, Any]:
         "seed_start": seed_start, "env_kwargs": env_kwargs, "keep_failed": bool(cfg.keep_failed),
         "max_attempts": episodes * int(cfg.max_attempts_factor) + 5, "progress": bool(cfg.progress),
         "action_noise": action_noise, "noise_seed": int(cfg.get("noise_seed") or 0),
+        "noise_corr": noise_corr,
     }
 
 
@@ -291,7 +299,8 @@ def collect(cfg) -> dict[str, Any]:
     pool = None
     try:
         pool = make_pool(s["family"], max(1, s["workers"]), s["env_kwargs"], workers=s["workers"] > 0)
-        expert = ExpertPolicy(s["family"], action_noise=s["action_noise"], noise_seed=s["noise_seed"])
+        expert = ExpertPolicy(s["family"], action_noise=s["action_noise"], noise_seed=s["noise_seed"],
+                              noise_corr=s["noise_corr"])
         result = rollout(expert, pool, plan, [StoreRecorder(writer, plan, stored)],
                          lockstep=False)  # the expert acts per env: a fast worker never waits
         for slot, code in getattr(pool, "lost", []):

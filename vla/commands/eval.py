@@ -119,6 +119,7 @@ def main(argv: list[str]) -> int:
             progress=bool(cfg.progress),
             torch_threads=cfg.torch_threads,
             instruction=cfg.get("instruction"),
+            sync_chunks=bool(cfg.get("sync_chunks", True)),
         )
     finally:
         policy.close()

@@ -350,6 +350,9 @@ def run_evaluation(
     for every task, so two policies evaluated with the same arguments see the same scenes.
     ``sync_chunks`` (several envs): envs with at most half a queue left join a model call made for
     another env (``Policy.refill_below``), so batches stay full after episodes end at different steps.
+    An episode's flow noise follows its seed alone (``VLAPolicy.seed_episode``), so with ``n_envs=1`` or
+    ``sync_chunks=False`` a seed replays the same episode however many episodes ran beside it; with
+    ``sync_chunks`` the early refills move an episode's chunk boundaries with its neighbours.
     ``instruction``: one instruction for every episode (a user's own phrasing) instead of the env's;
     ``instruction_split`` picks the env's paraphrases otherwise (train, eval = held-out wording and,
     on the tabletop suite, held-out objects; paraphrase = held-out wording only; all).
@@ -423,6 +426,7 @@ def run_evaluation(
         "instruction": instruction,
         "max_steps": max_steps,
         "n_envs": int(n_envs),
+        "sync_chunks": bool(sync_chunks and n_envs > 1),
         "policy": getattr(policy, "name", type(policy).__name__),
         "env_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in env_kwargs.items()},
         **summarize(episodes, tasks),
