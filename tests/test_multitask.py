@@ -170,5 +170,12 @@ def test_main_job_script_in_a_smoke_configuration(tmp_path):
     assert "actions_read_plan: false" in train_cfg and "planner: true" in train_cfg  # planner=side
     assert "  lr: 0.001\n" in train_cfg and "balance: subtask" in train_cfg  # the recipe's schedule and draws
     assert "  plan_rows: 8\n" in train_cfg and "  flow_samples: 2\n" in train_cfg  # and its step
+    from vla.training.distributed import cpu_has_native_bf16
+
+    # SMALL_BATCH=auto: half batches where training runs fp32 (no native bf16), the recipe's 32 + 16 elsewhere
+    small = not cpu_has_native_bf16()
+    assert f"  batch_size: {16 if small else 32}\n" in train_cfg
+    assert f"  goal_frames_batch: {8 if small else 16}\n" in train_cfg
+    assert ("batches of 16 (no native bf16" in proc.stdout) == small
     budget = [ln for ln in train_cfg.splitlines() if ln.strip().startswith("time_budget_s:")]
     assert len(budget) == 1 and 60 <= int(budget[0].split(":")[1]) <= 870  # what is left of the 870 s
