@@ -65,14 +65,12 @@ if [ "$GOAL_FRAMES" -gt 0 ]; then  # seeds 100,000+: apart from the demonstratio
   GOAL_ARGS="dataset.goal_frames=$OUT/goal_frames.zarr"
 fi
 
-if [ "$SMALL_BATCH" = auto ]; then
-  if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then SMALL_BATCH=0; else SMALL_BATCH=1; fi
-fi
+# the trainer's own test for bf16 (vla.training.distributed.cpu_has_native_bf16): decides both defaults below
+if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then native_bf16=1; else native_bf16=0; fi
+[ "$SMALL_BATCH" != auto ] || SMALL_BATCH=$(( 1 - native_bf16 ))
+[ -n "$EVAL_RESERVE_S" ] || EVAL_RESERVE_S=$([ "$native_bf16" = 1 ] && echo 60 || echo 100)
 BATCH_ARGS=""
 [ "$SMALL_BATCH" = 1 ] && BATCH_ARGS="trainer.batch_size=16 dataset.goal_frames_batch=8"
-if [ -z "$EVAL_RESERVE_S" ]; then
-  if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then EVAL_RESERVE_S=60; else EVAL_RESERVE_S=100; fi
-fi
 
 train_budget=$(( BUDGET_S - ($(date +%s) - start) - EVAL_RESERVE_S ))
 [ "$train_budget" -ge 60 ] || train_budget=60
