@@ -69,13 +69,15 @@ fi
 if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then native_bf16=1; else native_bf16=0; fi
 [ "$SMALL_BATCH" != auto ] || SMALL_BATCH=$(( 1 - native_bf16 ))
 [ -n "$EVAL_RESERVE_S" ] || EVAL_RESERVE_S=$([ "$native_bf16" = 1 ] && echo 60 || echo 100)
-BATCH_ARGS=""
-[ "$SMALL_BATCH" = 1 ] && BATCH_ARGS="trainer.batch_size=16 dataset.goal_frames_batch=8"
+BATCH_ARGS="" BATCH_NOTE="32 + 16 goal frames"
+if [ "$SMALL_BATCH" = 1 ]; then
+  BATCH_ARGS="trainer.batch_size=16 dataset.goal_frames_batch=8" BATCH_NOTE="16 + 8 goal frames: no native bf16 on this CPU"
+fi
 
 train_budget=$(( BUDGET_S - ($(date +%s) - start) - EVAL_RESERVE_S ))
 [ "$train_budget" -ge 60 ] || train_budget=60
 echo "== 2/3 train: one tiny VLA for every family, $STEPS steps on the CPU or fewer to end within $train_budget s" \
-  "(batch $([ "$SMALL_BATCH" = 1 ] && echo "16 + 8 goal frames: no native bf16 on this CPU" || echo "32 + 16 goal frames"))"
+  "(batch $BATCH_NOTE)"
 # shellcheck disable=SC2086
 vla train dataset.path="$OUT/demos.zarr" model=tiny trainer=cpu trainer.steps="$STEPS" trainer.time_budget_s="$train_budget" \
   trainer.progress=false trainer.log_every=250 run_dir="$OUT/train" $RECIPE $GOAL_ARGS $BATCH_ARGS $TRAIN_ARGS
