@@ -16,7 +16,7 @@ EPISODES="${EPISODES:-100}"          # demonstrations per family (training seeds
 IMAGE="${IMAGE:-96}"                 # px; objects are ~4 px wide at 64 (docs/RESULTS.md)
 LAYOUT="${LAYOUT:-slots}"            # slots: the scene's places are fixed, colours/goals vary | random
 NOISE="${NOISE:-0}"                  # std of the noise on the expert's moves as executed (collect action_noise)
-GOAL_FRAMES="${GOAL_FRAMES:-2500}"   # env resets per family labelled with the first grasp (0 = none)
+GOAL_FRAMES="${GOAL_FRAMES:-2500}"   # env resets per pick-first family labelled with the first grasp (0 = none)
 STEPS="${STEPS:-5000}"               # training steps at batch 32 (at most: BUDGET_S decides, ~3,300 on 2 cores)
 BUDGET_S="${BUDGET_S:-870}"          # the whole script, set-up included: training gets what is left after
 EVAL_RESERVE_S="${EVAL_RESERVE_S:-}"     # the evaluation and start-ups are set aside (trainer.time_budget_s); empty:
@@ -59,8 +59,11 @@ vla collect env=tabletop env.layout="$LAYOUT" "tasks=[$FAMILIES]" episodes="$EPI
 vla dataset info "$OUT/demos.zarr"
 rm -rf "$OUT/goal_frames.zarr"
 GOAL_ARGS=""
-if [ "$GOAL_FRAMES" -gt 0 ]; then  # seeds 100,000+: apart from the demonstrations and the evaluation
-  vla collect env=tabletop env.layout="$LAYOUT" "tasks=[$FAMILIES]" goal_frames="$GOAL_FRAMES" image_size="$IMAGE" \
+# goal frames exist for the families whose plans start with a pick (push and drawer plans have no first grasp)
+GOAL_FAMILIES=$(python -c 'import sys; from vla.envs.tabletop.tasks import starts_with_pick
+print(",".join(t for t in sys.argv[1].split(",") if starts_with_pick(t)))' "$FAMILIES")
+if [ "$GOAL_FRAMES" -gt 0 ] && [ -n "$GOAL_FAMILIES" ]; then  # seeds 100,000+: apart from the demos and the evaluation
+  vla collect env=tabletop env.layout="$LAYOUT" "tasks=[$GOAL_FAMILIES]" goal_frames="$GOAL_FRAMES" image_size="$IMAGE" \
     "cameras=[front,wrist]" seed_start=100000 out="$OUT/goal_frames.zarr"
   GOAL_ARGS="dataset.goal_frames=$OUT/goal_frames.zarr"
 fi

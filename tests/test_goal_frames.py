@@ -51,6 +51,29 @@ def test_first_grasp_state_refuses_plans_that_do_not_start_with_a_pick():
     env.close()
 
 
+def test_starts_with_pick_agrees_with_first_grasp_state_on_every_family():
+    from vla.envs import make_env
+    from vla.envs.tabletop.expert import first_grasp_state
+    from vla.envs.tabletop.tasks import list_tasks, starts_with_pick
+
+    picks = []
+    for task in list_tasks():
+        env = make_env("tabletop", task, cameras=())
+        for seed in (0, 1):  # the answer is the family's, whatever the seed
+            obs, info = env.reset(seed=seed)
+            try:
+                first_grasp_state(obs, info)
+                has_goal_frame = True
+            except ValueError:
+                has_goal_frame = False
+            assert starts_with_pick(task) == has_goal_frame, (task, seed)
+        env.close()
+        picks.append(starts_with_pick(task))
+    assert 0 < sum(picks) < len(picks)  # both kinds exist
+    with pytest.raises(ValueError, match="unknown tabletop task 'nope'"):
+        starts_with_pick("nope")
+
+
 def _frames(n=6, hw=16, cams=("cam0",), state_dim=2, tasks=("reach", "push")):
     rng = np.random.default_rng(0)
     return {

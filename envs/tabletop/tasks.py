@@ -301,6 +301,15 @@ def list_tasks() -> list[str]:
     return list(FAMILIES)
 
 
+def starts_with_pick(task: str) -> bool:
+    """Whether every plan of this family starts by picking an object: the families that have goal frames
+    (`vla collect goal_frames=N`; push and drawer plans close the gripper from their first step). A family's
+    plan always has the same ops, so one sampled goal decides it."""
+    fam = get_family(task)
+    plan, _ = fam.sample_goal(np.random.default_rng(0), "train", fam.scene.shapes)
+    return plan[0].op == PICK
+
+
 # ---------------------------------------------------------------- layout
 
 DISTRACTOR_KEEP = 0.7        # chance that an object slot the plan does not use appears as a distractor
