@@ -262,8 +262,9 @@ def first_grasp_state(obs: dict, info: dict) -> tuple[np.ndarray, list[str]]:
     shapes = tuple(o["shape"] for o in p["objects"])
     labels = [T.subtask_text(st, colors, shapes) for st in plan]
     if not plan or plan[0].op != T.PICK:
+        picks = [t for t in T.list_tasks() if T.starts_with_pick(t)]
         raise ValueError(f"first_grasp_state: task {info.get('task')!r} starts with {labels[:1]}, not a pick; goal "
-                         "frames are defined for plans that start by picking an object")
+                         f"frames are defined for plans that start by picking an object (the families {picks})")
     pos = p["objects"][plan[0].a]["pos"]
     state = np.asarray(obs["state"], np.float32)
     goal = np.array([pos[0], pos[1], max(pos[2], GRASP_MIN_Z), state[3]], np.float32)
